@@ -1,0 +1,246 @@
+"""Schemas of the config groups. Defaults live here; YAML files only state what differs.
+
+Hydra checks keys and types when it composes the config; ``__post_init__`` checks ranges and choices
+when :func:`lightmods.config.validate` turns the composed config into these objects, before any
+training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from lightmods.config import checks
+from lightmods.errors import config_error
+
+PRECISIONS = (
+    "64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "16-true",
+    "bf16-mixed", "bf16", "bf16-true", "transformer-engine", "transformer-engine-float16",
+)  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    """A backbone: a hub id, a local folder, or ``pkg:<python package>`` that ships weights.
+
+    ``init=random`` builds the architecture from ``arch`` (a transformers config as a dict) with no
+    download: tiny test models, or real-size models for speed checks.
+    """
+
+    name_or_path: Optional[str] = None
+    init: str = "pretrained"
+    arch: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        checks.one_of("model.init", self.init, ("pretrained", "random"))
+        if self.init == "pretrained" and not self.name_or_path:
+            raise config_error("model.name_or_path", self.name_or_path, "a hub id, a local folder or pkg:<package> when model.init=pretrained")
+        if self.init == "random" and "model_type" not in self.arch:
+            raise config_error("model.arch", dict(self.arch), "a transformers config dict with a 'model_type' key when model.init=random")
+        if self.tokenizer is None and self.init == "random" and not self.name_or_path:
+            raise config_error("model.tokenizer", None, "a tokenizer path or hub id (a randomly initialised model has none of its own)")
+
+
+@dataclass
+class DemoDataConfig:
+    """Sizes of the embedded, generated demo task."""
+
+    num_train: int = 2000
+    num_val: int = 600
+    seed: int = 1234
+
+    def __post_init__(self):
+        checks.positive("data.demo.num_train", self.num_train)
+        checks.positive("data.demo.num_val", self.num_val)
+
+
+@dataclass
+class DataConfig:
+    """A task and how to load, tokenise and batch it."""
+
+    task: str = MISSING
+    source: str = "hub"
+    data_dir: Optional[str] = None
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+    def __post_init__(self):
+        from lightmods.data.tasks import TASKS
+
+        checks.one_of("data.task", self.task, sorted(TASKS))
+        checks.one_of("data.source", self.source, ("hub", "local", "generated"))
+        if self.source == "local" and not self.data_dir:
+            raise config_error("data.data_dir", self.data_dir, "a folder with the task's files when data.source=local")
+        checks.positive("data.max_length", self.max_length)
+        checks.positive("data.batch_size", self.batch_size)
+        checks.positive("data.eval_batch_size", self.eval_batch_size)
+        checks.non_negative("data.num_workers", self.num_workers)
+        checks.positive("data.max_train_samples", self.max_train_samples, allow_none=True)
+        checks.positive("data.max_eval_samples", self.max_eval_samples, allow_none=True)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule; the learning rate itself is ``method.lr``."""
+
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    scheduler: str = "linear"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        checks.non_negative("optim.weight_decay", self.weight_decay)
+        checks.ratio("optim.warmup_ratio", self.warmup_ratio)
+        checks.one_of("optim.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise config_error("optim.betas", list(self.betas), "two numbers in [0, 1)")
+        checks.positive("optim.eps", self.eps)
+
+
+@dataclass
+class TrainerConfig:
+    """Keys passed as they are to ``lightning.Trainer`` (logger, callbacks and root dir are set by lightmods)."""
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: Optional[int] = None
+    min_epochs: Optional[int] = None
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: Optional[int] = None
+    fast_dev_run: Any = False
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: int = 10
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    use_distributed_sampler: bool = True
+    sync_batchnorm: bool = False
+
+    def __post_init__(self):
+        checks.one_of("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps", "tpu"))
+        checks.one_of("trainer.precision", self.precision, PRECISIONS)
+        checks.positive("trainer.num_nodes", self.num_nodes)
+        checks.positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
+        checks.positive("trainer.log_every_n_steps", self.log_every_n_steps)
+        checks.positive("trainer.max_epochs", self.max_epochs, allow_none=True)
+        if self.max_steps != -1:
+            checks.positive("trainer.max_steps", self.max_steps)
+        checks.non_negative("trainer.gradient_clip_val", self.gradient_clip_val, allow_none=True)
+        if not (isinstance(self.fast_dev_run, bool) or (isinstance(self.fast_dev_run, int) and self.fast_dev_run > 0)):
+            raise config_error("trainer.fast_dev_run", self.fast_dev_run, "true, false or a number of batches > 0")
+        if isinstance(self.devices, int) and not isinstance(self.devices, bool) and self.devices <= 0 and self.devices != -1:
+            raise config_error("trainer.devices", self.devices, "'auto', -1, a count > 0 or a list of device ids")
+
+
+@dataclass
+class CsvLoggerConfig:
+    name: str = "csv"
+    flush_logs_every_n_steps: int = 50
+
+
+@dataclass
+class WandbLoggerConfig:
+    """W&B run identity; ``offline=true`` (or WANDB_MODE=offline) writes locally for a later ``wandb sync``."""
+
+    project: str = "lightmods"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    offline: bool = False
+    id: Optional[str] = None
+    log_model: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    """Which loggers receive the run's figures; ``logger=[csv,wandb]`` composes both."""
+
+    csv: Optional[CsvLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
+
+
+@dataclass
+class CheckpointConfig:
+    """``checkpoints/last.ckpt`` (resumable with ``ckpt_path=``) and the best by ``monitor``."""
+
+    monitor: Optional[str] = "val/score"
+    mode: str = "max"
+    save_last: bool = True
+    save_top_k: int = 1
+    every_n_train_steps: Optional[int] = None
+
+    def __post_init__(self):
+        checks.one_of("callbacks.checkpoint.mode", self.mode, ("min", "max"))
+        if self.save_top_k < -1:
+            raise config_error("callbacks.checkpoint.save_top_k", self.save_top_k, "-1 (all), 0 or a count > 0")
+        checks.positive("callbacks.checkpoint.every_n_train_steps", self.every_n_train_steps, allow_none=True)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val/score"
+    mode: str = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        checks.one_of("callbacks.early_stopping.mode", self.mode, ("min", "max"))
+        checks.non_negative("callbacks.early_stopping.patience", self.patience)
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: Optional[CheckpointConfig] = None
+    early_stopping: Optional[EarlyStoppingConfig] = None
+    progress_bar: bool = True
+    progress_bar_refresh_rate: int = 5
+    lr_monitor: bool = False
+
+    def __post_init__(self):
+        checks.positive("callbacks.progress_bar_refresh_rate", self.progress_bar_refresh_rate)
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = MISSING
+    log_dir: str = "logs"
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``method`` is typed by the chosen method's own schema (see lightmods.methods)."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    method: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task_name: str = "train"
+    seed: Optional[int] = 42
+    ckpt_path: Optional[str] = None
+    train: bool = True
+    print_config: bool = False

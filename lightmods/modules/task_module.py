@@ -1,0 +1,138 @@
+"""The one LightningModule: a prepared HF model, the task loss plus the method's loss terms, AdamW."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightmods.config.schema import OptimConfig
+from lightmods.data.metrics import TaskMetrics
+from lightmods.data.tasks import TaskSpec
+from lightmods.methods.base import LossTerm
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def _lr_lambda(scheduler: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return max(0.0, 1.0 - progress) if scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _numpy_state() -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _python_state() -> dict:
+    version, state, gauss_next = random.getstate()
+    return {"version": version, "state": list(state), "gauss_next": gauss_next}
+
+
+class TaskModule(L.LightningModule):
+    """Trains ``model`` on ``task``. Holds no config objects in hyper-parameters: the resolved run config
+    is stored as a plain dict in each checkpoint (``checkpoint["lightmods"]``), so ``weights_only=True``
+    loading works."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: TaskSpec,
+        lr: float,
+        optim: OptimConfig,
+        loss_terms: list[LossTerm] = (),
+        run_config: dict | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.lr = lr
+        self.optim = optim
+        self.loss_terms = list(loss_terms)
+        self.run_config = run_config or {}
+        self.val_metrics = TaskMetrics(task, prefix="val/")
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.task_loss(logits, batch["labels"])
+        bs = batch["labels"].shape[0]
+        self.log("train/loss_task", loss, batch_size=bs)
+        for term in self.loss_terms:
+            value = term(self, batch, logits)
+            self.log(f"train/loss_{term.name}", value, batch_size=bs)
+            loss = loss + term.weight * value
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch)
+        self.log("val/loss", self.task_loss(logits, batch["labels"]), sync_dist=True, batch_size=batch["labels"].shape[0])
+        self.val_metrics.update(logits, batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()  # torchmetrics syncs its states across DDP ranks
+        self.val_metrics.reset()
+        self.log_dict(values, prog_bar=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.lr, betas=tuple(self.optim.betas), eps=self.optim.eps
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.optim.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.optim.scheduler, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # RNG states make a resumed run draw the same dropout masks as an uninterrupted one.
+        checkpoint["lightmods"] = {
+            "config": self.run_config,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_state(),
+                "python": _python_state(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied at on_train_start, after the sanity check, whose data loader also draws from the RNG.
+        self._resume_rng = checkpoint.get("lightmods", {}).get("rng")
+
+    def on_train_start(self) -> None:
+        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        n = rng["numpy"]
+        np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        p = rng["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))

@@ -1,0 +1,28 @@
+"""Adapter layers that wrap and keep a base ``nn.Linear``, their injection by module-name pattern,
+merge/unmerge, and parameter accounting."""
+
+from lightmods.peft.accounting import count_parameters
+from lightmods.peft.bottleneck import BottleneckAdapter
+from lightmods.peft.inject import (
+    adapter_layers,
+    inject_adapters,
+    mark_trainable,
+    match_module,
+    merge_adapters,
+    unmerge_adapters,
+)
+from lightmods.peft.layer import AdapterLayer
+from lightmods.peft.lora import LoraLinear
+
+__all__ = [
+    "AdapterLayer",
+    "BottleneckAdapter",
+    "LoraLinear",
+    "adapter_layers",
+    "count_parameters",
+    "inject_adapters",
+    "mark_trainable",
+    "match_module",
+    "merge_adapters",
+    "unmerge_adapters",
+]

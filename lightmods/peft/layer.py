@@ -1,0 +1,81 @@
+"""The base every adapter layer shares: it wraps a frozen ``nn.Linear`` and keeps it as ``base_layer``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """A trainable addition to a base linear layer.
+
+    Subclasses implement :meth:`adapter_forward` (what the adapter adds to the base output) and, when the
+    addition is linear in the input, :meth:`delta_weight` so that :meth:`merge` can fold it into the base
+    weight. The base layer keeps its parameter names (``<name>.base_layer.weight``), as in HF PEFT.
+    """
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for code that inspects ``module.weight`` (dtype and device checks)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Parameters that belong to the adapter, not to the wrapped base layer."""
+        base = {id(p) for p in self.base_layer.parameters()}
+        return [p for p in self.parameters() if id(p) not in base]
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter as an additive change of the base weight (``out x in``); only when mergeable."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base layer")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return self.adapter_forward(x, out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; the forward pass then skips the adapter."""
+        if not self.mergeable:
+            raise NotImplementedError(f"{type(self).__name__} is not linear in its input and cannot be merged")
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.double() + self.delta_weight().double()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, restoring the base weight."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.double() - self.delta_weight().double()).to(w.dtype))
+        self.merged = False

@@ -1,0 +1,72 @@
+"""Shared fixtures: compose the real config tree with overrides, pointed at a temporary run directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from lightmods.config import register_schemas  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = ROOT.parent / "shared"
+
+register_schemas()
+
+# A tiny, quick run: 2-layer random BERT, a few batches of the demo task, no progress bar.
+FAST = [
+    "model=tiny",
+    "data.max_train_samples=64",
+    "data.max_eval_samples=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress_bar=false",
+]
+
+
+def compose_run(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The config ``python train.py <overrides>`` would run, with Hydra's runtime set for interpolations."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def run_cfg(tmp_path):
+    """``run_cfg(*overrides)`` -> a composed fast config writing into a fresh tmp dir."""
+    counter = iter(range(1000))
+
+    def make(*overrides: str, fast: bool = True) -> DictConfig:
+        out = tmp_path / f"run{next(counter)}"
+        return compose_run([*(FAST if fast else []), *overrides], out)
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` in a subprocess, as a user would run it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
