@@ -29,7 +29,7 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check lightmods tests train.py experiments
 
 bench-overhead: $(STAMP)  ## lightmods vs a hand-written loop with HF PEFT
-	HF_HUB_OFFLINE=1 $(BIN)/python experiments/bench/overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python experiments/bench/overhead.py --steps 80 --rounds 3
 
 clean:  ## remove run outputs
 	rm -rf logs outputs multirun

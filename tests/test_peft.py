@@ -88,7 +88,7 @@ def test_adapters_start_as_identity(case, tmp_path):
 
 def test_merge_matches_unmerged_and_unmerge_restores(case):
     model, method, net, m, batch = case
-    layers = [l for _, l in adapter_layers(net)]
+    layers = [layer for _, layer in adapter_layers(net)]
     if not layers:
         pytest.skip("no adapters")
     if not layers[0].mergeable:
@@ -96,11 +96,11 @@ def test_merge_matches_unmerged_and_unmerge_restores(case):
             layers[0].merge()
         return
     with torch.no_grad():  # make the adapters non-trivial first
-        for l in layers:
-            for p in l.adapter_parameters():
+        for lay in layers:
+            for p in lay.adapter_parameters():
                 p.normal_(0, 0.2)
     net.eval()
-    weights = {n: l.base_layer.weight.clone() for n, l in adapter_layers(net)}
+    weights = {n: lay.base_layer.weight.clone() for n, lay in adapter_layers(net)}
     with torch.no_grad():
         unmerged = net(**batch).logits
         assert merge_adapters(net) == len(layers)
@@ -109,8 +109,8 @@ def test_merge_matches_unmerged_and_unmerge_restores(case):
         again = net(**batch).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, unmerged, atol=1e-6, rtol=1e-6)
-    for n, l in adapter_layers(net):
-        torch.testing.assert_close(l.base_layer.weight, weights[n], atol=1e-7, rtol=0)
+    for n, lay in adapter_layers(net):
+        torch.testing.assert_close(lay.base_layer.weight, weights[n], atol=1e-7, rtol=0)
 
 
 def test_state_dict_round_trip(case, tmp_path):
@@ -136,11 +136,11 @@ def test_parameter_accounting(case):
     assert acc["params_trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
     roles = acc["params_by_role"]
     if method == "lora":
-        expected = sum(l.rank * (l.in_features + l.out_features) for _, l in adapter_layers(net))
+        expected = sum(layer.rank * (layer.in_features + layer.out_features) for _, layer in adapter_layers(net))
         assert roles["adapter"]["trainable"] == expected > 0
         assert roles["backbone"]["trainable"] == 0
     if method == "adapter":
-        expected = sum(2 * l.bottleneck_dim * l.out_features + l.bottleneck_dim + l.out_features for _, l in adapter_layers(net))
+        expected = sum(2 * layer.bottleneck_dim * layer.out_features + layer.bottleneck_dim + layer.out_features for _, layer in adapter_layers(net))
         assert roles["adapter"]["trainable"] == expected > 0
 
 

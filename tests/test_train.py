@@ -151,3 +151,11 @@ def test_wandb_run_finished_with_failure_code(run_cfg, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         train(run_cfg("logger=wandb"))
     assert calls == [1] and wandb.run is None
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_runs_on_the_tiny_model(run_cfg, experiment):
+    cfg = run_cfg(f"experiment={experiment}", "model=tiny", "trainer.fast_dev_run=1", fast=False)
+    assert cfg.model.init == "random"
+    train(cfg)
+    assert read(Path(cfg.paths.output_dir), "summary.json")["status"] == "completed"

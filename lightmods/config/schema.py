@@ -8,7 +8,7 @@ training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -29,11 +29,11 @@ class ModelConfig:
     download: tiny test models, or real-size models for speed checks.
     """
 
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     init: str = "pretrained"
     arch: dict[str, Any] = field(default_factory=dict)
-    tokenizer: Optional[str] = None
-    revision: Optional[str] = None
+    tokenizer: str | None = None
+    revision: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -65,13 +65,13 @@ class DataConfig:
 
     task: str = MISSING
     source: str = "hub"
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     max_length: int = 128
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 0
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
     def __post_init__(self):
@@ -117,21 +117,21 @@ class TrainerConfig:
     strategy: Any = "auto"
     num_nodes: int = 1
     precision: Any = "32-true"
-    max_epochs: Optional[int] = None
-    min_epochs: Optional[int] = None
+    max_epochs: int | None = None
+    min_epochs: int | None = None
     max_steps: int = -1
-    max_time: Optional[str] = None
+    max_time: str | None = None
     val_check_interval: Any = None
-    check_val_every_n_epoch: Optional[int] = 1
+    check_val_every_n_epoch: int | None = 1
     limit_train_batches: Any = None
     limit_val_batches: Any = None
-    num_sanity_val_steps: Optional[int] = None
+    num_sanity_val_steps: int | None = None
     fast_dev_run: Any = False
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: float | None = None
     log_every_n_steps: int = 10
     deterministic: Any = False
-    benchmark: Optional[bool] = None
+    benchmark: bool | None = None
     use_distributed_sampler: bool = True
     sync_batchnorm: bool = False
 
@@ -162,13 +162,13 @@ class WandbLoggerConfig:
     """W&B run identity; ``offline=true`` (or WANDB_MODE=offline) writes locally for a later ``wandb sync``."""
 
     project: str = "lightmods"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    job_type: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    job_type: str | None = None
     tags: list[str] = field(default_factory=list)
     offline: bool = False
-    id: Optional[str] = None
+    id: str | None = None
     log_model: bool = False
 
 
@@ -176,19 +176,19 @@ class WandbLoggerConfig:
 class LoggerConfig:
     """Which loggers receive the run's figures; ``logger=[csv,wandb]`` composes both."""
 
-    csv: Optional[CsvLoggerConfig] = None
-    wandb: Optional[WandbLoggerConfig] = None
+    csv: CsvLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
 
 
 @dataclass
 class CheckpointConfig:
     """``checkpoints/last.ckpt`` (resumable with ``ckpt_path=``) and the best by ``monitor``."""
 
-    monitor: Optional[str] = "val/score"
+    monitor: str | None = "val/score"
     mode: str = "max"
     save_last: bool = True
     save_top_k: int = 1
-    every_n_train_steps: Optional[int] = None
+    every_n_train_steps: int | None = None
 
     def __post_init__(self):
         checks.one_of("callbacks.checkpoint.mode", self.mode, ("min", "max"))
@@ -211,8 +211,8 @@ class EarlyStoppingConfig:
 
 @dataclass
 class CallbacksConfig:
-    checkpoint: Optional[CheckpointConfig] = None
-    early_stopping: Optional[EarlyStoppingConfig] = None
+    checkpoint: CheckpointConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None
     progress_bar: bool = True
     progress_bar_refresh_rate: int = 5
     lr_monitor: bool = False
@@ -240,7 +240,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "train"
-    seed: Optional[int] = 42
-    ckpt_path: Optional[str] = None
+    seed: int | None = 42
+    ckpt_path: str | None = None
     train: bool = True
     print_config: bool = False

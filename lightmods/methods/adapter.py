@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -22,7 +21,7 @@ class AdapterConfig(MethodConfig):
     variant: str = "houlsby"
     bottleneck_dim: int = 64
     activation: str = "relu"
-    target_modules: Optional[list[str]] = None
+    target_modules: list[str] | None = None
 
     def __post_init__(self):
         super().__post_init__()

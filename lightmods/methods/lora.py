@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from torch import nn
 
@@ -20,7 +19,7 @@ class LoraConfig(MethodConfig):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: Optional[list[str]] = None
+    target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self):
