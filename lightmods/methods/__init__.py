@@ -1,6 +1,15 @@
 """Every method as a ``method=<name>`` option. Importing this package registers them all."""
 
 from lightmods.methods import adapter, full_ft, lora  # noqa: F401  (registration)
-from lightmods.methods.base import METHODS, LossTerm, Method, MethodConfig, build_method, register_method
+from lightmods.methods.base import (
+    METHODS,
+    AdapterMethod,
+    AdapterMethodConfig,
+    LossTerm,
+    Method,
+    MethodConfig,
+    build_method,
+    register_method,
+)
 
-__all__ = ["METHODS", "LossTerm", "Method", "MethodConfig", "build_method", "register_method"]
+__all__ = ["METHODS", "AdapterMethod", "AdapterMethodConfig", "LossTerm", "Method", "MethodConfig", "build_method", "register_method"]

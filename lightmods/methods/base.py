@@ -3,7 +3,7 @@ callbacks it needs. A method owns no training loop."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lightning as L
@@ -12,8 +12,9 @@ from omegaconf import MISSING
 from torch import nn
 
 from lightmods.config import checks
+from lightmods.errors import config_error
 from lightmods.models.families import Family
-from lightmods.peft import count_parameters
+from lightmods.peft import AdapterLayer, count_parameters, inject_adapters, mark_trainable
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -79,3 +80,38 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def build_method(config: MethodConfig) -> Method:
     return METHODS[config.name](config)
+
+
+@dataclass
+class AdapterMethodConfig(MethodConfig):
+    """Keys of methods that swap linear layers for adapter layers. ``target_modules: null`` = the model
+    family's default placement."""
+
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+
+
+class AdapterMethod(Method):
+    """A method that replaces the targeted ``nn.Linear`` layers by one adapter-layer type and trains the
+    adapters plus the task head. Subclasses say where by default and which layer."""
+
+    Config: ClassVar[type[AdapterMethodConfig]] = AdapterMethodConfig
+
+    def default_targets(self, family: Family) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def make_layer(self, linear: nn.Linear) -> AdapterLayer:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, family: Family) -> nn.Module:
+        c = self.config
+        self.family = family
+        targets = list(c.target_modules) if c.target_modules else list(self.default_targets(family))
+        if not targets:
+            raise config_error("method.target_modules", c.target_modules, f"module-name patterns (no default placement for the {family.name} family)")
+        self.injected = inject_adapters(model, targets, self.make_layer, exclude=[*c.exclude_modules, *family.head_modules])
+        mark_trainable(model, head_patterns=self.head_patterns())
+        return model
+
+    def summary(self, model: nn.Module) -> dict:
+        return {**super().summary(model), "adapted_modules": len(self.injected)}

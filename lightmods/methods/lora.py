@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
 from lightmods.config import checks
-from lightmods.methods.base import Method, MethodConfig, register_method
+from lightmods.methods.base import AdapterMethod, AdapterMethodConfig, register_method
 from lightmods.models.families import Family
-from lightmods.peft import LoraLinear, inject_adapters, mark_trainable
+from lightmods.peft import LoraLinear
 
 
 @dataclass
-class LoraConfig(MethodConfig):
+class LoraConfig(AdapterMethodConfig):
     name: str = "lora"
     lr: float = 5e-4
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] | None = None
-    exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         super().__post_init__()
@@ -30,22 +28,13 @@ class LoraConfig(MethodConfig):
 
 
 @register_method
-class LoRA(Method):
+class LoRA(AdapterMethod):
     name = "lora"
     Config = LoraConfig
 
-    def prepare(self, model: nn.Module, family: Family) -> nn.Module:
-        c = self.config
-        self.family = family
-        targets = list(c.target_modules) if c.target_modules else list(family.lora_targets)
-        self.injected = inject_adapters(
-            model,
-            targets,
-            lambda linear: LoraLinear(linear, rank=c.rank, alpha=c.alpha, dropout=c.dropout),
-            exclude=[*c.exclude_modules, *family.head_modules],
-        )
-        mark_trainable(model, head_patterns=self.head_patterns())
-        return model
+    def default_targets(self, family: Family) -> tuple[str, ...]:
+        return family.lora_targets
 
-    def summary(self, model: nn.Module) -> dict:
-        return {**super().summary(model), "lora_modules": len(self.injected)}
+    def make_layer(self, linear: nn.Linear) -> LoraLinear:
+        c = self.config
+        return LoraLinear(linear, rank=c.rank, alpha=c.alpha, dropout=c.dropout)
