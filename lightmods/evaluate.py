@@ -10,22 +10,34 @@ from lightmods.data.tasks import TaskSpec
 
 
 @torch.no_grad()
-def evaluate(module, dataloader: DataLoader, task: TaskSpec, split: str = "validation") -> tuple[dict, list[dict]]:
-    """``({"val/<metric>": value, "val/score": ...}, prediction rows)`` for one split."""
+def predict(module, dataloader: DataLoader, task: TaskSpec, metrics: TaskMetrics | None = None) -> tuple[list[int], list]:
+    """Row positions and predictions (class index, or float for regression) for every row of a split;
+    updates ``metrics`` on labelled rows."""
     was_training = module.training
     module.eval()
     device = module.device
-    metrics = TaskMetrics(task, prefix="val/" if split == "validation" else f"{split}/", sync=False).to(device)
-    rows: list[dict] = []
+    positions, preds = [], []
     for batch in dataloader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = module(batch)
-        metrics.update(logits, batch["labels"])
-        preds = metrics.predictions(logits).tolist()
-        for idx, pred, label in zip(batch["idx"].tolist(), preds, batch["labels"].tolist()):
-            if task.is_regression:
-                rows.append({"idx": idx, "prediction": pred, "label": label})
-            else:
-                rows.append({"idx": idx, "prediction": task.label_names[pred], "label": task.label_names[label]})
+        if metrics is not None:
+            metrics.update(logits, batch["labels"], batch.get("group"))
+        p = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
+        positions += batch["idx"].tolist()
+        preds += p.tolist()
     module.train(was_training)
-    return metrics.compute(), rows
+    return positions, preds
+
+
+def evaluate(module, dataloader: DataLoader, task: TaskSpec, rows: list[dict], prefix: str = "val/", suffix: str = "") -> tuple[dict, list[dict]]:
+    """``({"<prefix><metric><suffix>": value}, prediction rows)`` for one labelled split."""
+    metrics = TaskMetrics(task, prefix=prefix, suffix=suffix, sync=False).to(module.device)
+    positions, preds = predict(module, dataloader, task, metrics)
+    out = []
+    for pos, pred in zip(positions, preds):
+        row = rows[pos]
+        if task.is_regression:
+            out.append({"idx": row["idx"], "prediction": pred, "label": row["label"]})
+        else:
+            out.append({"idx": row["idx"], "prediction": task.label_names[pred], "label": task.label_names[row["label"]]})
+    return metrics.compute(), out

@@ -17,10 +17,12 @@ from lightmods.callbacks.meters import ThroughputMeter, peak_memory_mb
 from lightmods.config.schema import CallbacksConfig, LoggerConfig, RunConfig, TrainerConfig
 from lightmods.config.store import validate
 from lightmods.data.datamodule import TextClassificationDataModule
+from lightmods.data.metrics import with_score
+from lightmods.data.submission import write_submission
 from lightmods.data.tasks import get_task
-from lightmods.evaluate import evaluate
+from lightmods.evaluate import evaluate, predict
 from lightmods.methods import build_method
-from lightmods.models import build_backbone, build_tokenizer, family_of
+from lightmods.models import build_backbone, build_tokenizer, family_of, model_max_positions
 from lightmods.modules import TaskModule
 from lightmods.utils.run_files import RunFiles
 
@@ -149,8 +151,12 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         rc.method.name, f"{accounting['params_trainable']:,}", f"{accounting['params_total']:,}", accounting["params_trainable_pct"],
     )  # fmt: skip
 
-    dm = TextClassificationDataModule(task, rc.data, tokenizer, seed=rc.seed or 0)
-    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain)
+    positions = model_max_positions(model)
+    if positions and rc.data.max_length > positions:
+        log.warning("data.max_length=%d exceeds what the model embeds; using %d", rc.data.max_length, positions)
+        rc.data.max_length = positions
+    dm = TextClassificationDataModule(task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path)
+    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain, eval_splits=task.eval_splits)
     meter = ThroughputMeter()
     callbacks = build_callbacks(rc.callbacks, files) + method.callbacks() + [meter]
     loggers = build_loggers(rc.logger, files, plain)
@@ -174,10 +180,18 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         return {"_rank": trainer.global_rank}
 
     dm.setup("validate")
-    metrics, rows = evaluate(module, dm.val_dataloader(), task)
-    metrics = {k: round(v, 6) for k, v in metrics.items()}
+    metrics: dict[str, float] = {}
+    for split, suffix in task.eval_splits.items():
+        values, rows = evaluate(module, dm.eval_dataloader(split), task, dm.raw[split], suffix=suffix)
+        metrics.update(values)
+        files.write_predictions(split, rows)
+    metrics = {k: round(v, 6) for k, v in with_score(metrics).items()}
     files.write_json("metrics.json", metrics)
-    files.write_predictions("validation", rows)
+    for split in dm.test_splits:
+        positions, preds = predict(module, dm.eval_dataloader(split), task)
+        ordered = [p for _, p in sorted(zip(positions, preds))]
+        path = write_submission(task, split, dm.raw[split], ordered, files.dir / "predictions")
+        log.info("%s predictions for submission: %s", split, path)
     best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     summary = {

@@ -8,6 +8,7 @@ training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -64,7 +65,7 @@ class DataConfig:
     """A task and how to load, tokenise and batch it."""
 
     task: str = MISSING
-    source: str = "hub"
+    source: str | None = None
     data_dir: str | None = None
     max_length: int = 128
     batch_size: int = 32
@@ -72,15 +73,22 @@ class DataConfig:
     num_workers: int = 0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    cache: bool = True
+    cache_dir: str | None = None
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
     def __post_init__(self):
         from lightmods.data.tasks import TASKS
 
         checks.one_of("data.task", self.task, sorted(TASKS))
-        checks.one_of("data.source", self.source, ("hub", "local", "generated"))
-        if self.source == "local" and not self.data_dir:
-            raise config_error("data.data_dir", self.data_dir, "a folder with the task's files when data.source=local")
+        if self.source is None:  # data.data_dir alone switches a task to its local files
+            self.source = "local" if self.data_dir else TASKS[self.task].sources[0]
+        checks.one_of("data.source", self.source, TASKS[self.task].sources)
+        if self.source == "local":
+            if not self.data_dir:
+                raise config_error("data.data_dir", self.data_dir, "a folder with the task's files when data.source=local")
+            if not Path(self.data_dir).is_dir():
+                raise config_error("data.data_dir", self.data_dir, "an existing folder with the task's original files")
         checks.positive("data.max_length", self.max_length)
         checks.positive("data.batch_size", self.batch_size)
         checks.positive("data.eval_batch_size", self.eval_batch_size)

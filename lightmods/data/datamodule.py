@@ -1,8 +1,12 @@
-"""The DataModule for sentence and sentence-pair classification/regression tasks."""
+"""The DataModule for classification, regression and multiple-choice tasks: rows from the configured
+source, checked, tokenised once (cached on disk), batched with dynamic padding, shuffled reproducibly."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -10,15 +14,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightmods.config.schema import DataConfig
+from lightmods.data.builders import encode
 from lightmods.data.demo import generate_demo
+from lightmods.data.readers import local_file, read_hub_split, read_local_split
 from lightmods.data.tasks import TaskSpec
 from lightmods.errors import DataError, config_error
 
 log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when builders change what they produce
+EXTRA_KEYS = ("labels", "idx", "group")
 
 
 class EncodedDataset(Dataset):
-    """Tokenised rows (lists of ids) with their label and original index."""
+    """Tokenised rows (lists of ids) with their label and row position."""
 
     def __init__(self, features: dict[str, list]):
         self.features = features
@@ -49,62 +57,126 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
 
-def load_raw_splits(task: TaskSpec, cfg: DataConfig) -> dict[str, list[dict]]:
-    """Rows per split from the configured source."""
-    if cfg.source not in task.sources:
-        raise config_error("data.source", cfg.source, f"one of {', '.join(task.sources)} for data.task={task.name!r}")
-    if task.name == "demo":
-        return generate_demo(cfg.demo.num_train, cfg.demo.num_val, cfg.demo.seed)
-    raise config_error("data.task", task.name, "a task with a loader")  # pragma: no cover
+class Collator:
+    """Dynamic padding; multiple-choice features are flattened to ``(batch * choices, length)``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, regression: bool):
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        self.regression = regression
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        model_rows = [{k: v for k, v in r.items() if k not in EXTRA_KEYS} for r in rows]
+        if isinstance(rows[0]["input_ids"][0], list):  # multiple choice
+            model_rows = [{k: r[k][c] for k in r} for r in model_rows for c in range(len(r["input_ids"]))]
+        batch = dict(self.pad(model_rows))
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float if self.regression else torch.long)
+        for key in ("idx", "group"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+        return batch
 
 
 class TextClassificationDataModule(L.LightningDataModule):
-    """Tokenises each split once, batches with dynamic padding, shuffles reproducibly."""
+    """Splits: ``train``, the task's evaluation splits, and any test splits the source has."""
 
-    def __init__(self, task: TaskSpec, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0):
+    def __init__(self, task: TaskSpec, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, tokenizer_id: str = ""):
         super().__init__()
         self.task, self.cfg, self.tokenizer, self.seed = task, cfg, tokenizer, seed
+        self.tokenizer_id = tokenizer_id or getattr(tokenizer, "name_or_path", "")
         self.raw: dict[str, list[dict]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
-        self.collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        self.collator = Collator(tokenizer, task.is_regression)
+
+    # ------------------------------------------------------------ loading
+    @property
+    def eval_splits(self) -> list[str]:
+        return list(self.task.eval_splits)
+
+    @property
+    def test_splits(self) -> list[str]:
+        return [s for s in self.datasets if s.startswith("test")]
+
+    def _source_key(self, split: str) -> dict:
+        cfg = self.cfg
+        if cfg.source == "generated":
+            return {"demo": [cfg.demo.num_train, cfg.demo.num_val, cfg.demo.seed]}
+        if cfg.source == "local":
+            path = local_file(self.task, cfg.data_dir, split)
+            stat = path.stat() if path else None
+            return {"file": str(path.resolve()) if path else None, "size": stat.st_size if stat else None, "mtime": stat.st_mtime_ns if stat else None}
+        return {"hub": [self.task.hub_path, self.task.hub_config]}
+
+    def _load_rows(self, split: str) -> list[dict] | None:
+        cfg, task = self.cfg, self.task
+        if cfg.source not in task.sources:
+            raise config_error("data.source", cfg.source, f"one of {', '.join(task.sources)} for data.task={task.name!r}")
+        if cfg.source == "generated":
+            return generate_demo(cfg.demo.num_train, cfg.demo.num_val, cfg.demo.seed).get(split)
+        if cfg.source == "local":
+            return read_local_split(task, cfg.data_dir, split)
+        return read_hub_split(task, split)
 
     def _check_rows(self, split: str, rows: list[dict]) -> None:
         needed = (*self.task.text_fields, "label", "idx")
+        labelled = not split.startswith("test")
         for i, row in enumerate(rows):
             missing = [c for c in needed if c not in row]
             if missing:
                 raise DataError(f"{self.task.name}/{split} row {i}: missing column(s) {missing}; expected {list(needed)}")
-            if not self.task.is_regression and row["label"] not in range(self.task.num_labels):
+            label = row["label"]
+            if label is None:
+                if labelled:
+                    raise DataError(f"{self.task.name}/{split} row {i}: no label in a labelled split")
+                continue
+            if not self.task.is_regression and label not in range(self.task.num_labels):
                 raise DataError(
-                    f"{self.task.name}/{split} row {i}: label {row['label']!r} is not one of 0..{self.task.num_labels - 1} "
+                    f"{self.task.name}/{split} row {i}: label {label!r} is not one of 0..{self.task.num_labels - 1} "
                     f"({', '.join(self.task.label_names)})"
                 )
 
-    def _encode(self, rows: list[dict]) -> EncodedDataset:
-        texts = [[r[f] for r in rows] for f in self.task.text_fields]
-        enc = self.tokenizer(*texts, truncation=True, max_length=self.cfg.max_length)
-        features = {k: list(v) for k, v in enc.items()}
-        dtype = float if self.task.is_regression else int
-        features["labels"] = [dtype(r["label"]) for r in rows]
-        features["idx"] = [int(r["idx"]) for r in rows]
+    def _cache_path(self, split: str, n_rows: int) -> Path:
+        key = {
+            "v": CACHE_VERSION, "task": self.task.name, "split": split, "source": self._source_key(split),
+            "tokenizer": [self.tokenizer_id, type(self.tokenizer).__name__, len(self.tokenizer)],
+            "max_length": self.cfg.max_length, "rows": n_rows,
+        }  # fmt: skip
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        root = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else Path.home() / ".cache" / "lightmods"
+        return root / "tokenized" / f"{self.task.name.replace('/', '_')}-{split}-{digest}.pt"
+
+    def _encode(self, split: str, rows: list[dict]) -> EncodedDataset:
+        path = self._cache_path(split, len(rows)) if self.cfg.cache else None
+        if path is not None and path.exists():
+            log.info("%s/%s: tokenised features from cache %s", self.task.name, split, path)
+            return EncodedDataset(torch.load(path, weights_only=True))
+        features = encode(self.task, rows, split, self.tokenizer, self.cfg.max_length)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(features, tmp)
+            tmp.replace(path)
         return EncodedDataset(features)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        raw = load_raw_splits(self.task, self.cfg)
-        limits = {"train": self.cfg.max_train_samples, "validation": self.cfg.max_eval_samples}
-        for split, rows in raw.items():
-            if limits.get(split):
-                rows = rows[: limits[split]]
+        splits = ["train", *self.eval_splits, *(s for s in self.task.local_files if s.startswith("test"))]
+        if self.cfg.source == "hub":
+            splits += [s for s in self.task.hub_splits if s.startswith("test") and s not in splits]
+        limits = {"train": self.cfg.max_train_samples}
+        for split in dict.fromkeys(splits):
+            rows = self._load_rows(split)
+            if rows is None:
+                continue
+            limit = limits.get(split, self.cfg.max_eval_samples)
+            if limit:
+                rows = rows[:limit]
             self._check_rows(split, rows)
             self.raw[split] = rows
-            self.datasets[split] = self._encode(rows)
-            log.info("%s/%s: %d examples", self.task.name, split, len(rows))
+            self.datasets[split] = self._encode(split, rows)
+            log.info("%s/%s: %d rows, %d features", self.task.name, split, len(rows), len(self.datasets[split]))
 
-    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return self.collator(rows)
-
+    # ------------------------------------------------------------ loaders
     def _generator(self) -> torch.Generator:
         """Loaders draw their workers' base seed from this, not from the global RNG, so creating an
         iterator does not shift the dropout masks (a resumed run then matches an uninterrupted one)."""
@@ -116,7 +188,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             ds,
             batch_size=self.cfg.batch_size,
             sampler=EpochSeededSampler(len(ds), self.seed),
-            collate_fn=self._collate,
+            collate_fn=self.collator,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
             generator=self._generator(),
@@ -127,10 +199,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=self.cfg.eval_batch_size,
             shuffle=False,
-            collate_fn=self._collate,
+            collate_fn=self.collator,
             num_workers=self.cfg.num_workers,
             generator=self._generator(),
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_dataloader("validation")
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.eval_dataloader(s) for s in self.eval_splits]

@@ -1,4 +1,5 @@
-"""Task metrics with their official names; ``score`` is the mean of the task's metrics (GLUE headline)."""
+"""Task metrics with their official names and definitions; ``score`` is the mean of a task's metrics
+over its evaluated splits (the GLUE / SuperGLUE headline)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,38 @@ from torch import nn
 
 from lightmods.data.tasks import TaskSpec
 
+IGNORE = -100
+
+
+class GroupExactMatch(torchmetrics.Metric):
+    """MultiRC EM: the share of questions whose every answer option is classified correctly."""
+
+    full_state_update = False
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
+        self.correct.append((preds == target).long())
+        self.groups.append(groups.long())
+
+    def compute(self) -> torch.Tensor:
+        correct = torchmetrics.utilities.dim_zero_cat(self.correct)
+        groups = torchmetrics.utilities.dim_zero_cat(self.groups)
+        if groups.numel() == 0:
+            return torch.tensor(0.0)
+        _, inverse = torch.unique(groups, return_inverse=True)
+        n = int(inverse.max()) + 1
+        wrong = torch.zeros(n, dtype=torch.long, device=correct.device).index_add_(0, inverse, 1 - correct)
+        return (wrong == 0).float().mean()
+
 
 def _make(name: str, task: TaskSpec, **kw) -> torchmetrics.Metric:
     if name == "accuracy":
         return torchmetrics.Accuracy(task="multiclass", num_classes=task.num_labels, average="micro", **kw)
-    if name == "f1":  # F1 of the positive class, as GLUE reports for MRPC/QQP
+    if name in ("f1", "f1a"):  # F1 of the positive class (MRPC/QQP), over all answer options (MultiRC F1a)
         return torchmetrics.F1Score(task="binary", **kw)
     if name == "macro_f1":
         return torchmetrics.F1Score(task="multiclass", num_classes=task.num_labels, average="macro", **kw)
@@ -22,32 +50,45 @@ def _make(name: str, task: TaskSpec, **kw) -> torchmetrics.Metric:
         return torchmetrics.PearsonCorrCoef(**kw)
     if name == "spearman":
         return torchmetrics.SpearmanCorrCoef(**kw)
+    if name == "em":
+        return GroupExactMatch(**kw)
     raise KeyError(f"unknown metric {name!r}")
 
 
 class TaskMetrics(nn.Module):
-    """The task's metrics as one module: update with logits and labels, compute to ``{prefix+name: float}``."""
+    """A task's metrics on one split: update with logits and labels, compute to
+    ``{prefix + name + suffix: float}``. Rows labelled ``-100`` (unlabelled) are skipped."""
 
-    def __init__(self, task: TaskSpec, prefix: str = "val/", sync: bool = True):
+    def __init__(self, task: TaskSpec, prefix: str = "val/", suffix: str = "", sync: bool = True):
         """``sync=False`` for evaluation on one rank of a DDP job: no collective calls the others would miss."""
         super().__init__()
-        self.task = task
-        self.prefix = prefix
+        self.task, self.prefix, self.suffix = task, prefix, suffix
         self.metrics = nn.ModuleDict({name: _make(name, task, sync_on_compute=sync) for name in task.metrics})
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1).float() if self.task.is_regression else logits.argmax(-1)
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        preds = self.predictions(logits)
-        for metric in self.metrics.values():
-            metric.update(preds, labels.to(preds.dtype) if self.task.is_regression else labels)
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        keep = labels != IGNORE
+        if not bool(keep.any()):
+            return
+        preds = self.predictions(logits)[keep]
+        labels = labels[keep]
+        for name, metric in self.metrics.items():
+            if name == "em":
+                metric.update(preds, labels, groups[keep])
+            else:
+                metric.update(preds, labels.to(preds.dtype) if self.task.is_regression else labels)
 
     def compute(self) -> dict[str, float]:
-        values = {name: float(m.compute()) for name, m in self.metrics.items()}
-        values["score"] = sum(values.values()) / len(values)
-        return {self.prefix + k: v for k, v in values.items()}
+        return {f"{self.prefix}{name}{self.suffix}": float(m.compute()) for name, m in self.metrics.items()}
 
     def reset(self) -> None:
         for m in self.metrics.values():
             m.reset()
+
+
+def with_score(values: dict[str, float], prefix: str = "val/") -> dict[str, float]:
+    """Add ``<prefix>score``: the mean of the given metrics (GLUE averages a task's metrics, MNLI's m/mm)."""
+    own = [v for k, v in values.items() if k.startswith(prefix)]
+    return {**values, f"{prefix}score": sum(own) / len(own)} if own else dict(values)

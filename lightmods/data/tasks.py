@@ -1,22 +1,46 @@
-"""The task registry: what a task's examples look like and how it is scored."""
+"""The task registry: where a task's data comes from, what its rows look like, how inputs are built
+and how it is scored.
+
+Rows use the hub's column names (GLUE from ``nyu-mll/glue``, SuperGLUE from ``aps/super_glue``,
+SQuAD from ``rajpurkar/squad[_v2]``) whatever the source, plus ``idx`` and ``label`` (a class index,
+a float for regression, ``None`` when a split has no labels).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lightmods.errors import config_error
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task. ``label_names=None`` means regression; ``metrics`` are averaged into ``val/score``."""
+    """One task.
+
+    ``label_names=None`` means regression. ``metrics`` are averaged into ``val/score``. ``eval_splits``
+    maps each evaluated split to the suffix its metric names get (MNLI: matched ``""``, mismatched
+    ``"_mm"``). ``local_files`` maps a split to its file name(s) in ``data.data_dir``;
+    ``local_columns`` maps row columns to GLUE tsv header names (an int: a column position, for
+    header-less files).
+    """
 
     name: str
+    benchmark: str
     text_fields: tuple[str, ...]
     label_names: tuple[str, ...] | None
     metrics: tuple[str, ...]
-    sources: tuple[str, ...]
+    sources: tuple[str, ...] = ("hub", "local")
     head: str = "seq_cls"
+    builder: str = "text"
+    hub_path: str | None = None
+    hub_config: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)
+    local_format: str | None = None
+    local_files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    local_columns: dict[str, str | int] = field(default_factory=dict)
+    eval_splits: dict[str, str] = field(default_factory=lambda: {"validation": ""})
+    submission: str | None = None
+    num_choices: int = 0
 
     @property
     def is_regression(self) -> bool:
@@ -27,18 +51,77 @@ class TaskSpec:
         return 1 if self.label_names is None else len(self.label_names)
 
 
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in (
-        TaskSpec(
-            name="demo",
-            text_fields=("sentence",),
-            label_names=("negative", "positive"),
-            metrics=("accuracy", "f1"),
-            sources=("generated",),
-        ),
-    )
-}
+GLUE_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+GLUE_FILES = {"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)}
+SG_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+SG_FILES = {"train": ("train.jsonl",), "validation": ("val.jsonl", "dev.jsonl"), "test": ("test.jsonl",)}
+ENTAIL2 = ("entailment", "not_entailment")
+
+
+def _glue(name, fields, labels, metrics, columns, submission, **kw) -> TaskSpec:
+    return TaskSpec(
+        name=f"glue/{name}", benchmark="glue", text_fields=fields, label_names=labels, metrics=metrics,
+        hub_path="nyu-mll/glue", hub_config=kw.pop("hub_config", name), hub_splits=kw.pop("hub_splits", GLUE_SPLITS),
+        local_format="glue_tsv", local_files=kw.pop("local_files", GLUE_FILES), local_columns=columns,
+        submission=submission, **kw,
+    )  # fmt: skip
+
+
+def _superglue(name, fields, labels, metrics, submission, **kw) -> TaskSpec:
+    return TaskSpec(
+        name=f"superglue/{name}", benchmark="superglue", text_fields=fields, label_names=labels, metrics=metrics,
+        hub_path="aps/super_glue", hub_config=kw.pop("hub_config", name), hub_splits=kw.pop("hub_splits", SG_SPLITS),
+        local_format="jsonl", local_files=kw.pop("local_files", SG_FILES), submission=submission, **kw,
+    )  # fmt: skip
+
+
+_MNLI_COLUMNS = {"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"}
+_MNLI_LABELS = ("entailment", "neutral", "contradiction")
+
+_TASKS = [
+    TaskSpec(
+        name="demo", benchmark="demo", text_fields=("sentence",), label_names=("negative", "positive"),
+        metrics=("accuracy", "f1"), sources=("generated",),
+    ),  # fmt: skip
+    # GLUE
+    _glue("cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc",),
+          {"label": 1, "sentence": 3}, "CoLA"),
+    _glue("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), {"sentence": "sentence", "label": "label"}, "SST-2",
+          local_files={"train": ("train.tsv", "train_k16.tsv"), "validation": ("dev.tsv",), "test": ("test.tsv",)}),
+    _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"),
+          {"label": "Quality", "sentence1": "#1 String", "sentence2": "#2 String"}, "MRPC"),
+    _glue("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearman"),
+          {"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}, "STS-B"),
+    _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"),
+          {"question1": "question1", "question2": "question2", "label": "is_duplicate"}, "QQP"),
+    _glue("mnli", ("premise", "hypothesis"), _MNLI_LABELS, ("accuracy",), _MNLI_COLUMNS, "MNLI",
+          hub_splits={"train": "train", "validation_matched": "validation_matched",
+                      "validation_mismatched": "validation_mismatched", "test_matched": "test_matched",
+                      "test_mismatched": "test_mismatched"},
+          local_files={"train": ("train.tsv",), "validation_matched": ("dev_matched.tsv",),
+                       "validation_mismatched": ("dev_mismatched.tsv",), "test_matched": ("test_matched.tsv",),
+                       "test_mismatched": ("test_mismatched.tsv",)},
+          eval_splits={"validation_matched": "", "validation_mismatched": "_mm"}),
+    _glue("qnli", ("question", "sentence"), ENTAIL2, ("accuracy",),
+          {"question": "question", "sentence": "sentence", "label": "label"}, "QNLI"),
+    _glue("rte", ("sentence1", "sentence2"), ENTAIL2, ("accuracy",),
+          {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, "RTE"),
+    _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",),
+          {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, "WNLI"),
+    # SuperGLUE
+    _superglue("boolq", ("question", "passage"), ("False", "True"), ("accuracy",), "BoolQ"),
+    _superglue("cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"), ("accuracy", "macro_f1"), "CB"),
+    _superglue("copa", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2"), ("accuracy",), "COPA",
+               head="multiple_choice", builder="copa", num_choices=2),
+    _superglue("multirc", ("paragraph", "question", "answer"), ("False", "True"), ("f1a", "em"), "MultiRC",
+               builder="multirc"),
+    _superglue("rte", ("premise", "hypothesis"), ENTAIL2, ("accuracy",), "RTE"),
+    _superglue("wic", ("word", "sentence1", "sentence2"), ("False", "True"), ("accuracy",), "WiC", builder="wic"),
+    _superglue("wsc", ("text", "span1_text", "span2_text"), ("False", "True"), ("accuracy",), "WSC",
+               builder="wsc", hub_config="wsc.fixed"),
+]  # fmt: skip
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in _TASKS}
 
 
 def get_task(name: str) -> TaskSpec:

@@ -22,7 +22,11 @@ from lightmods.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-HEAD_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering}
+HEAD_CLASSES = {
+    "seq_cls": AutoModelForSequenceClassification,
+    "multiple_choice": AutoModelForSequenceClassification,  # one score per (row, choice), see TaskModule
+    "qa": AutoModelForQuestionAnswering,
+}
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -70,7 +74,9 @@ def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokeni
     """The HF model with the task's head, in train mode. ``init=random`` downloads nothing."""
     head_cls = HEAD_CLASSES[task.head]
     head_kwargs = {}
-    if task.head == "seq_cls":
+    if task.head == "multiple_choice":
+        head_kwargs["num_labels"] = 1
+    elif task.head == "seq_cls":
         head_kwargs["num_labels"] = task.num_labels
         if task.is_regression:
             head_kwargs["problem_type"] = "regression"
@@ -96,3 +102,14 @@ def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokeni
             model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     return model
+
+
+def model_max_positions(model: nn.Module) -> int | None:
+    """The longest input the model embeds (RoBERTa-style models reserve positions for the padding offset)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        n -= (config.pad_token_id or 0) + 1
+    return n

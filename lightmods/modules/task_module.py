@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.config.schema import OptimConfig
-from lightmods.data.metrics import TaskMetrics
+from lightmods.data.metrics import TaskMetrics, with_score
 from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
@@ -55,6 +55,7 @@ class TaskModule(L.LightningModule):
         optim: OptimConfig,
         loss_terms: list[LossTerm] = (),
         run_config: dict | None = None,
+        eval_splits: dict[str, str] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -63,15 +64,20 @@ class TaskModule(L.LightningModule):
         self.optim = optim
         self.loss_terms = list(loss_terms)
         self.run_config = run_config or {}
-        self.val_metrics = TaskMetrics(task, prefix="val/")
+        suffixes = list((eval_splits or {"validation": ""}).values())
+        self.val_metrics = nn.ModuleList(TaskMetrics(task, prefix="val/", suffix=s) for s in suffixes)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+        logits = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+        if self.task.head == "multiple_choice":  # one score per (row, choice) -> (rows, choices)
+            logits = logits.view(-1, self.task.num_choices)
+        return logits
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.task.is_regression:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels)
+            keep = labels != -100
+            return F.mse_loss(logits.squeeze(-1).float()[keep], labels.float()[keep])
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
@@ -85,15 +91,19 @@ class TaskModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
-        self.log("val/loss", self.task_loss(logits, batch["labels"]), sync_dist=True, batch_size=batch["labels"].shape[0])
-        self.val_metrics.update(logits, batch["labels"])
+        metrics = self.val_metrics[dataloader_idx]
+        bs = batch["labels"].shape[0]
+        self.log(f"val/loss{metrics.suffix}", self.task_loss(logits, batch["labels"]), sync_dist=True, batch_size=bs, add_dataloader_idx=False)
+        metrics.update(logits, batch["labels"], batch.get("group"))
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()  # torchmetrics syncs its states across DDP ranks
-        self.val_metrics.reset()
-        self.log_dict(values, prog_bar=True)
+        values: dict[str, float] = {}
+        for metrics in self.val_metrics:  # torchmetrics syncs its states across DDP ranks
+            values.update(metrics.compute())
+            metrics.reset()
+        self.log_dict(with_score(values), prog_bar=True, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

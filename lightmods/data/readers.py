@@ -1,0 +1,185 @@
+"""Loading a task's split as rows with the hub's column names, from local files in each benchmark's
+original format or from the hub. Every malformed row stops the run with the file, line and problem:
+nothing is silently dropped or mislabelled."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from lightmods.data.tasks import TaskSpec
+from lightmods.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def parse_label(value, task: TaskSpec, where: str):
+    """A label from a file (name, number or bool) as a class index, or a float for regression."""
+    if task.is_regression:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: label {value!r} is not a number (regression task {task.name})") from None
+    names = task.label_names
+    if isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and value in names:
+        return names.index(value)
+    try:
+        i = int(value)
+        if str(i) == str(value).strip() and 0 <= i < len(names):
+            return i
+    except (TypeError, ValueError):
+        pass
+    raise DataError(f"{where}: label {value!r} is not accepted; accepted: {', '.join(names)} or 0..{len(names) - 1}")
+
+
+def _is_test(split: str) -> bool:
+    return split.startswith("test")
+
+
+# ---------------------------------------------------------------- GLUE tsv
+
+
+def read_glue_tsv(path: Path, task: TaskSpec, split: str) -> list[dict]:
+    """GLUE's tsv: quoting off (MRPC, RTE and QNLI contain literal quotes), a UTF-8 BOM allowed (MRPC),
+    header-less CoLA train/dev (columns by position), unlabelled test files."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not lines:
+        raise DataError(f"{path}: empty file")
+    positional = any(isinstance(v, int) for v in task.local_columns.values())
+    if positional and lines[0] and lines[0][0] == "index":  # CoLA's test.tsv has a header: index, sentence
+        positional = False
+        columns = {c: c for c in task.text_fields}
+    else:
+        columns = dict(task.local_columns)
+    header, body, first_line = (None, lines, 1) if positional else (lines[0], lines[1:], 2)
+    index_of: dict[str, int] = {}
+    for col, src in columns.items():
+        if isinstance(src, int):
+            index_of[col] = src
+        elif src in header:
+            index_of[col] = header.index(src)
+        elif col == "label" and _is_test(split):
+            continue  # test files have no labels
+        else:
+            raise DataError(f"{path}: missing column {src!r} (needed as {col!r}); the header has {header}")
+    id_col = header.index("index") if header and "index" in header else (header.index("id") if header and "id" in header else None)
+    width = len(header) if header else max(index_of.values()) + 1
+    rows = []
+    for n, fields in enumerate(body):
+        lineno = n + first_line
+        if not fields or fields == [""]:
+            continue
+        if (header and len(fields) != width) or (not header and len(fields) < width):
+            raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected {width}")
+        row = {col: fields[i] for col, i in index_of.items() if col != "label"}
+        row["label"] = parse_label(fields[index_of["label"]], task, f"{path}:{lineno}") if "label" in index_of else None
+        row["idx"] = int(fields[id_col]) if id_col is not None and fields[id_col].isdigit() else len(rows)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- SuperGLUE jsonl
+
+
+def _normalise_superglue(raw: dict, task: TaskSpec, where: str, split: str) -> list[dict]:
+    """One jsonl record as hub-style rows (MultiRC passages become one row per answer)."""
+    name = task.name.split("/")[-1]
+    if name == "multirc":
+        passage = raw.get("passage")
+        if not isinstance(passage, dict) or "text" not in passage or "questions" not in passage:
+            raise DataError(f"{where}: MultiRC record needs passage.text and passage.questions")
+        rows = []
+        for q in passage["questions"]:
+            for a in q.get("answers", []):
+                label = a.get("label")
+                rows.append({
+                    "paragraph": passage["text"], "question": q["question"], "answer": a["text"],
+                    "idx": {"paragraph": raw.get("idx"), "question": q.get("idx"), "answer": a.get("idx")},
+                    "label": None if label is None else parse_label(label, task, where),
+                })  # fmt: skip
+        return rows
+    row = dict(raw)
+    if name == "wsc" and isinstance(row.get("target"), dict):
+        row.update(row.pop("target"))
+        row.setdefault("span1_index", row.get("span1_index"))
+    if "label" in row and row["label"] is not None:
+        row["label"] = parse_label(row["label"], task, where)
+    elif _is_test(split) or "label" not in row:
+        row["label"] = None
+    return [row]
+
+
+def read_jsonl(path: Path, task: TaskSpec, split: str) -> list[dict]:
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(raw, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(raw).__name__}")
+            rows.extend(_normalise_superglue(raw, task, f"{path}:{lineno}", split))
+    return rows
+
+
+# ---------------------------------------------------------------- sources
+
+
+def local_file(task: TaskSpec, data_dir: str, split: str) -> Path | None:
+    for name in task.local_files.get(split, ()):
+        path = Path(data_dir) / name
+        if path.exists():
+            return path
+    return None
+
+
+def read_local_split(task: TaskSpec, data_dir: str, split: str) -> list[dict] | None:
+    """Rows of ``split`` from ``data_dir``; None when the file is absent (allowed for test splits only)."""
+    path = local_file(task, data_dir, split)
+    if path is None:
+        if _is_test(split):
+            return None
+        expected = " or ".join(task.local_files.get(split, ()))
+        raise ConfigError(f"data.data_dir={data_dir!r} has no {expected} for the {split} split of {task.name}")
+    reader = {"glue_tsv": read_glue_tsv, "jsonl": read_jsonl}[task.local_format]
+    rows = reader(path, task, split)
+    log.info("%s: %d rows from %s", task.name, len(rows), path)
+    return rows
+
+
+def read_hub_split(task: TaskSpec, split: str, revision: str | None = None) -> list[dict] | None:
+    """Rows of ``split`` from the hub (parquet). SuperGLUE falls back to the hub's parquet conversion
+    branch when the main branch still holds a loading script, which datasets no longer runs."""
+    from datasets import load_dataset
+
+    hub_split = task.hub_splits.get(split)
+    if hub_split is None:
+        return None
+    try:
+        try:
+            ds = load_dataset(task.hub_path, task.hub_config, split=hub_split, revision=revision)
+        except RuntimeError as e:
+            if "scripts are no longer supported" not in str(e):
+                raise
+            ds = load_dataset(task.hub_path, task.hub_config, split=hub_split, revision="refs/convert/parquet")
+    except Exception as e:  # noqa: BLE001 - offline, missing or renamed datasets all end here
+        raise ConfigError(
+            f"data.source='hub': {task.hub_path}/{task.hub_config} ({hub_split}) could not be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); accepted: a reachable hub or "
+            f"the local cache, or data.source=local with data.data_dir=<folder with the original files>"
+        ) from e
+    rows = []
+    for r in ds:
+        r = dict(r)
+        if r.get("label") is not None and not task.is_regression and r["label"] < 0:
+            r["label"] = None  # unlabelled test rows
+        rows.append(r)
+    return rows
