@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from lightmods.data.metrics import TaskMetrics
+from lightmods.data.metrics import build_metrics
 from lightmods.data.tasks import TaskSpec
 
 
 @torch.no_grad()
-def predict(module, dataloader: DataLoader, task: TaskSpec, metrics: TaskMetrics | None = None) -> tuple[list[int], list]:
-    """Row positions and predictions (class index, or float for regression) for every row of a split;
-    updates ``metrics`` on labelled rows."""
+def predict(module, dataloader: DataLoader, task: TaskSpec, metrics=None) -> tuple[list[int], list]:
+    """Feature positions and predictions (class index, or float for regression) for a split; updates
+    ``metrics`` on the way (QA metrics gather the logits themselves)."""
     was_training = module.training
     module.eval()
     device = module.device
@@ -21,18 +21,26 @@ def predict(module, dataloader: DataLoader, task: TaskSpec, metrics: TaskMetrics
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = module(batch)
         if metrics is not None:
-            metrics.update(logits, batch["labels"], batch.get("group"))
-        p = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
-        positions += batch["idx"].tolist()
-        preds += p.tolist()
+            metrics.update_batch(logits, batch)
+        if task.head != "qa":
+            p = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
+            positions += batch["idx"].tolist()
+            preds += p.tolist()
     module.train(was_training)
     return positions, preds
 
 
-def evaluate(module, dataloader: DataLoader, task: TaskSpec, rows: list[dict], prefix: str = "val/", suffix: str = "") -> tuple[dict, list[dict]]:
-    """``({"<prefix><metric><suffix>": value}, prediction rows)`` for one labelled split."""
-    metrics = TaskMetrics(task, prefix=prefix, suffix=suffix, sync=False).to(module.device)
-    positions, preds = predict(module, dataloader, task, metrics)
+def evaluate(module, dm, split: str, prefix: str = "val/", suffix: str = ""):
+    """``({"<prefix><metric><suffix>": value}, predictions)`` for one labelled split: prediction rows for
+    classification, the official ``{id: answer}`` mapping for QA."""
+    task, rows = dm.task, dm.raw[split]
+    metrics = build_metrics(task, dm.cfg, prefix=prefix, suffix=suffix, sync=False).to(module.device)
+    if task.head == "qa":
+        metrics.bind(rows, dm.datasets[split].features)
+    positions, preds = predict(module, dm.eval_dataloader(split), task, metrics)
+    values = metrics.compute()
+    if task.head == "qa":
+        return values, metrics.last_predictions
     out = []
     for pos, pred in zip(positions, preds):
         row = rows[pos]
@@ -40,4 +48,4 @@ def evaluate(module, dataloader: DataLoader, task: TaskSpec, rows: list[dict], p
             out.append({"idx": row["idx"], "prediction": pred, "label": row["label"]})
         else:
             out.append({"idx": row["idx"], "prediction": task.label_names[pred], "label": task.label_names[row["label"]]})
-    return metrics.compute(), out
+    return values, out

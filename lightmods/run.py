@@ -155,8 +155,11 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     if positions and rc.data.max_length > positions:
         log.warning("data.max_length=%d exceeds what the model embeds; using %d", rc.data.max_length, positions)
         rc.data.max_length = positions
+        if rc.data.doc_stride > positions // 4:
+            log.warning("data.doc_stride=%d lowered to %d with it", rc.data.doc_stride, positions // 4)
+            rc.data.doc_stride = positions // 4
     dm = TextClassificationDataModule(task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path)
-    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain, eval_splits=task.eval_splits)
+    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain, eval_splits=task.eval_splits, data_cfg=rc.data)
     meter = ThroughputMeter()
     callbacks = build_callbacks(rc.callbacks, files) + method.callbacks() + [meter]
     loggers = build_loggers(rc.logger, files, plain)
@@ -182,10 +185,13 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     dm.setup("validate")
     metrics: dict[str, float] = {}
     for split, suffix in task.eval_splits.items():
-        values, rows = evaluate(module, dm.eval_dataloader(split), task, dm.raw[split], suffix=suffix)
+        values, predictions = evaluate(module, dm, split, suffix=suffix)
         metrics.update(values)
-        files.write_predictions(split, rows)
-    metrics = {k: round(v, 6) for k, v in with_score(metrics).items()}
+        if task.head == "qa":
+            files.write_json(f"predictions/{split}.json", predictions)  # the official {id: answer} file
+        else:
+            files.write_predictions(split, predictions)
+    metrics = {k: round(v, 6) for k, v in with_score(metrics, task).items()}
     files.write_json("metrics.json", metrics)
     for split in dm.test_splits:
         positions, preds = predict(module, dm.eval_dataloader(split), task)

@@ -75,6 +75,11 @@ class DataConfig:
     max_eval_samples: int | None = None
     cache: bool = True
     cache_dir: str | None = None
+    # extractive QA: sliding windows and answer decoding
+    doc_stride: int = 128
+    n_best: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
     def __post_init__(self):
@@ -95,6 +100,11 @@ class DataConfig:
         checks.non_negative("data.num_workers", self.num_workers)
         checks.positive("data.max_train_samples", self.max_train_samples, allow_none=True)
         checks.positive("data.max_eval_samples", self.max_eval_samples, allow_none=True)
+        checks.positive("data.doc_stride", self.doc_stride)
+        if TASKS[self.task].head == "qa" and self.doc_stride >= self.max_length:
+            raise config_error("data.doc_stride", self.doc_stride, f"a number < data.max_length ({self.max_length})")
+        checks.positive("data.n_best", self.n_best)
+        checks.positive("data.max_answer_length", self.max_answer_length)
 
 
 @dataclass

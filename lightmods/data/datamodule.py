@@ -22,7 +22,7 @@ from lightmods.errors import DataError, config_error
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when builders change what they produce
-EXTRA_KEYS = ("labels", "idx", "group")
+EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions")
 
 
 class EncodedDataset(Dataset):
@@ -117,6 +117,13 @@ class TextClassificationDataModule(L.LightningDataModule):
         return read_hub_split(task, split)
 
     def _check_rows(self, split: str, rows: list[dict]) -> None:
+        if self.task.head == "qa":  # read_squad_json checks structure and answer offsets itself
+            needed = ("id", "question", "context", "answers")
+            for i, row in enumerate(rows):
+                missing = [c for c in needed if c not in row]
+                if missing:
+                    raise DataError(f"{self.task.name}/{split} row {i}: missing column(s) {missing}; expected {list(needed)}")
+            return
         needed = (*self.task.text_fields, "label", "idx")
         labelled = not split.startswith("test")
         for i, row in enumerate(rows):
@@ -149,13 +156,30 @@ class TextClassificationDataModule(L.LightningDataModule):
         if path is not None and path.exists():
             log.info("%s/%s: tokenised features from cache %s", self.task.name, split, path)
             return EncodedDataset(torch.load(path, weights_only=True))
-        features = encode(self.task, rows, split, self.tokenizer, self.cfg.max_length)
+        if self.task.head == "qa":
+            features = self._encode_qa(split, rows)
+        else:
+            features = encode(self.task, rows, split, self.tokenizer, self.cfg.max_length)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save(features, tmp)
             tmp.replace(path)
         return EncodedDataset(features)
+
+    def _encode_qa(self, split: str, rows: list[dict]) -> dict[str, list]:
+        """Sliding windows; training windows are labelled with answer positions, evaluation windows keep
+        their offsets for decoding answers."""
+        from lightmods.data.qa import prepare_eval_features, prepare_train_features
+
+        if split == "train":
+            f = prepare_train_features(rows, self.tokenizer, self.cfg.max_length, self.cfg.doc_stride)
+            f["labels"] = [[s, e] for s, e in zip(f.pop("start_positions"), f.pop("end_positions"))]
+        else:
+            f = prepare_eval_features(rows, self.tokenizer, self.cfg.max_length, self.cfg.doc_stride)
+            f["labels"] = [[-100, -100]] * len(f["input_ids"])
+        f["idx"] = list(range(len(f["input_ids"])))
+        return f
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

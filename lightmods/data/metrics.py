@@ -68,6 +68,9 @@ class TaskMetrics(nn.Module):
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1).float() if self.task.is_regression else logits.argmax(-1)
 
+    def update_batch(self, logits: torch.Tensor, batch: dict) -> None:
+        self.update(logits, batch["labels"], batch.get("group"))
+
     def update(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         keep = labels != IGNORE
         if not bool(keep.any()):
@@ -88,7 +91,26 @@ class TaskMetrics(nn.Module):
             m.reset()
 
 
-def with_score(values: dict[str, float], prefix: str = "val/") -> dict[str, float]:
-    """Add ``<prefix>score``: the mean of the given metrics (GLUE averages a task's metrics, MNLI's m/mm)."""
-    own = [v for k, v in values.items() if k.startswith(prefix)]
+def headline_keys(task: TaskSpec, prefix: str = "val/") -> list[str]:
+    """The metric names ``<prefix>score`` averages: the task's metrics on each evaluated split."""
+    return [f"{prefix}{m}{s}" for s in task.eval_splits.values() for m in task.metrics]
+
+
+def with_score(values: dict[str, float], task: TaskSpec, prefix: str = "val/") -> dict[str, float]:
+    """Add ``<prefix>score``: the mean of the task's headline metrics (GLUE averages a task's metrics and
+    MNLI's matched/mismatched; SQuAD averages EM and F1; breakdowns such as HasAns are not averaged)."""
+    own = [values[k] for k in headline_keys(task, prefix) if k in values]
     return {**values, f"{prefix}score": sum(own) / len(own)} if own else dict(values)
+
+
+def build_metrics(task: TaskSpec, data_cfg=None, prefix: str = "val/", suffix: str = "", sync: bool = True):
+    """The metric object of a task: :class:`TaskMetrics`, or SQuAD scoring for QA tasks."""
+    if task.head != "qa":
+        return TaskMetrics(task, prefix=prefix, suffix=suffix, sync=sync)
+    from lightmods.data.qa_metrics import SquadMetrics
+
+    kw = {}
+    if data_cfg is not None:
+        kw = {"max_length": data_cfg.max_length, "n_best": data_cfg.n_best, "max_answer_length": data_cfg.max_answer_length,
+              "null_threshold": data_cfg.null_score_diff_threshold}  # fmt: skip
+    return SquadMetrics(task, prefix=prefix, suffix=suffix, sync=sync, **kw)

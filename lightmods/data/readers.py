@@ -149,7 +149,10 @@ def read_local_split(task: TaskSpec, data_dir: str, split: str) -> list[dict] | 
             return None
         expected = " or ".join(task.local_files.get(split, ()))
         raise ConfigError(f"data.data_dir={data_dir!r} has no {expected} for the {split} split of {task.name}")
-    reader = {"glue_tsv": read_glue_tsv, "jsonl": read_jsonl}[task.local_format]
+    from lightmods.data.qa import read_squad_json
+
+    readers = {"glue_tsv": read_glue_tsv, "jsonl": read_jsonl, "squad_json": lambda p, t, s: read_squad_json(p)}
+    reader = readers[task.local_format]
     rows = reader(path, task, split)
     log.info("%s: %d rows from %s", task.name, len(rows), path)
     return rows
@@ -179,6 +182,10 @@ def read_hub_split(task: TaskSpec, split: str, revision: str | None = None) -> l
     rows = []
     for r in ds:
         r = dict(r)
+        if task.head == "qa":
+            r["is_impossible"] = len(r["answers"]["text"]) == 0
+            rows.append(r)
+            continue
         if r.get("label") is not None and not task.is_regression and r["label"] < 0:
             r["label"] = None  # unlabelled test rows
         rows.append(r)

@@ -44,7 +44,7 @@ class TaskSpec:
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None
+        return self.label_names is None and self.head != "qa"
 
     @property
     def num_labels(self) -> int:
@@ -119,6 +119,19 @@ _TASKS = [
     _superglue("wic", ("word", "sentence1", "sentence2"), ("False", "True"), ("accuracy",), "WiC", builder="wic"),
     _superglue("wsc", ("text", "span1_text", "span2_text"), ("False", "True"), ("accuracy",), "WSC",
                builder="wsc", hub_config="wsc.fixed"),
+    # Extractive QA
+    TaskSpec(
+        name="qa/squad", benchmark="qa", text_fields=("question", "context"), label_names=None,
+        metrics=("exact_match", "f1"), head="qa", builder="squad", hub_path="rajpurkar/squad",
+        hub_splits={"train": "train", "validation": "validation"}, local_format="squad_json",
+        local_files={"train": ("train-v1.1.json",), "validation": ("dev-v1.1.json",)},
+    ),
+    TaskSpec(
+        name="qa/squad_v2", benchmark="qa", text_fields=("question", "context"), label_names=None,
+        metrics=("exact_match", "f1"), head="qa", builder="squad_v2", hub_path="rajpurkar/squad_v2",
+        hub_splits={"train": "train", "validation": "validation"}, local_format="squad_json",
+        local_files={"train": ("train-v2.0.json",), "validation": ("dev-v2.0.json",)},
+    ),
 ]  # fmt: skip
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in _TASKS}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.config.schema import OptimConfig
-from lightmods.data.metrics import TaskMetrics, with_score
+from lightmods.data.metrics import build_metrics, with_score
 from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
@@ -56,6 +56,7 @@ class TaskModule(L.LightningModule):
         loss_terms: list[LossTerm] = (),
         run_config: dict | None = None,
         eval_splits: dict[str, str] | None = None,
+        data_cfg=None,
     ):
         super().__init__()
         self.model = model
@@ -64,16 +65,23 @@ class TaskModule(L.LightningModule):
         self.optim = optim
         self.loss_terms = list(loss_terms)
         self.run_config = run_config or {}
-        suffixes = list((eval_splits or {"validation": ""}).values())
-        self.val_metrics = nn.ModuleList(TaskMetrics(task, prefix="val/", suffix=s) for s in suffixes)
+        self.eval_splits = dict(eval_splits or {"validation": ""})
+        self.val_metrics = nn.ModuleList(build_metrics(task, data_cfg, suffix=s) for s in self.eval_splits.values())
 
     def forward(self, batch: dict) -> torch.Tensor:
-        logits = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+        out = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        if self.task.head == "qa":  # (batch, length, 2): start and end scores per token
+            return torch.stack([out.start_logits, out.end_logits], dim=-1)
+        logits = out.logits
         if self.task.head == "multiple_choice":  # one score per (row, choice) -> (rows, choices)
             logits = logits.view(-1, self.task.num_choices)
         return logits
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.head == "qa":  # labels: (batch, 2) start and end token positions
+            start = F.cross_entropy(logits[..., 0].float(), labels[:, 0], ignore_index=-100)
+            end = F.cross_entropy(logits[..., 1].float(), labels[:, 1], ignore_index=-100)
+            return (start + end) / 2
         if self.task.is_regression:
             keep = labels != -100
             return F.mse_loss(logits.squeeze(-1).float()[keep], labels.float()[keep])
@@ -94,16 +102,23 @@ class TaskModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
         metrics = self.val_metrics[dataloader_idx]
-        bs = batch["labels"].shape[0]
-        self.log(f"val/loss{metrics.suffix}", self.task_loss(logits, batch["labels"]), sync_dist=True, batch_size=bs, add_dataloader_idx=False)
-        metrics.update(logits, batch["labels"], batch.get("group"))
+        if self.task.head != "qa":  # evaluation windows of QA carry no answer positions
+            bs = batch["labels"].shape[0]
+            self.log(f"val/loss{metrics.suffix}", self.task_loss(logits, batch["labels"]), sync_dist=True, batch_size=bs, add_dataloader_idx=False)
+        metrics.update_batch(logits, batch)
+
+    def on_validation_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.task.head == "qa" and dm is not None:
+            for metrics, split in zip(self.val_metrics, self.eval_splits):
+                metrics.bind(dm.raw[split], dm.datasets[split].features)
 
     def on_validation_epoch_end(self) -> None:
         values: dict[str, float] = {}
         for metrics in self.val_metrics:  # torchmetrics syncs its states across DDP ranks
             values.update(metrics.compute())
             metrics.reset()
-        self.log_dict(with_score(values), prog_bar=True, add_dataloader_idx=False)
+        self.log_dict(with_score(values, self.task), prog_bar=True, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
