@@ -35,12 +35,14 @@ def evaluate(module, dm, split: str, prefix: str = "val/", suffix: str = ""):
     classification, the official ``{id: answer}`` mapping for QA."""
     task, rows = dm.task, dm.raw[split]
     metrics = build_metrics(task, dm.cfg, prefix=prefix, suffix=suffix, sync=False).to(module.device)
-    if task.head == "qa":
+    if hasattr(metrics, "bind"):
         metrics.bind(rows, dm.datasets[split].features)
     positions, preds = predict(module, dm.eval_dataloader(split), task, metrics)
     values = metrics.compute()
     if task.head == "qa":
         return values, metrics.last_predictions
+    if task.builder == "record":
+        return values, [{"idx": rows[g]["idx"], "prediction": e, "answers": rows[g]["answers"]} for g, e in sorted(metrics.last_predictions.items())]
     out = []
     for pos, pred in zip(positions, preds):
         row = rows[pos]

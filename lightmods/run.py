@@ -194,8 +194,12 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     metrics = {k: round(v, 6) for k, v in with_score(metrics, task).items()}
     files.write_json("metrics.json", metrics)
     for split in dm.test_splits:
-        positions, preds = predict(module, dm.eval_dataloader(split), task)
-        ordered = [p for _, p in sorted(zip(positions, preds))]
+        if task.builder == "record":  # the best candidate entity per query
+            _, rows = evaluate(module, dm, split, prefix="test/")
+            ordered = [r["prediction"] for r in rows]
+        else:
+            positions, preds = predict(module, dm.eval_dataloader(split), task)
+            ordered = [p for _, p in sorted(zip(positions, preds))]
         path = write_submission(task, split, dm.raw[split], ordered, files.dir / "predictions")
         log.info("%s predictions for submission: %s", split, path)
     best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)

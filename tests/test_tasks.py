@@ -27,7 +27,7 @@ DATA_DIRS = {
     "superglue/boolq": SHARED / "data/superglue/BoolQ", "superglue/cb": SHARED / "data/superglue/CB",
     "superglue/copa": SHARED / "data/superglue/COPA", "superglue/multirc": SHARED / "data/superglue/MultiRC",
     "superglue/rte": SHARED / "data/superglue/RTE", "superglue/wic": SHARED / "data/superglue/WiC",
-    "superglue/wsc": SHARED / "data/superglue/WSC",
+    "superglue/wsc": SHARED / "data/superglue/WSC", "superglue/record": FIXTURES / "superglue/ReCoRD",
     "qa/squad": FIXTURES / "squad", "qa/squad_v2": None,  # the shared dev set + a fixture train file, see below
 }  # fmt: skip
 
@@ -224,7 +224,8 @@ def _with_test_file(tmp_path: Path, shared: Path, fixture: Path) -> Path:
     d = tmp_path / shared.name
     d.mkdir()
     for f in shared.iterdir():
-        (d / f.name).symlink_to(f)
+        if f.name != fixture.name:
+            (d / f.name).symlink_to(f)
     (d / fixture.name).symlink_to(fixture)
     return d
 
@@ -242,6 +243,8 @@ def test_glue_submission_file(run_cfg, tmp_path):
     ("superglue/boolq", "BoolQ", lambda recs: {r["label"] for r in recs} <= {"true", "false"} and len(recs) == 2),
     ("superglue/copa", "COPA", lambda recs: recs[0]["label"] in (0, 1) and recs[0]["idx"] == 0),
     ("superglue/multirc", "MultiRC", lambda recs: [len(q["answers"]) for q in recs[0]["passage"]["questions"]] == [2, 2]),
+    ("superglue/record", "ReCoRD", lambda recs: [r["idx"] for r in recs] == [0, 1, 2] and recs[2]["label"] in
+     {"NASA", "Artemis", "Florida", "Orion", "Moon"}),
 ])  # fmt: skip
 def test_superglue_submission_files(run_cfg, tmp_path, task, folder, check):
     d = _with_test_file(tmp_path, DATA_DIRS[task], FIXTURES / f"superglue/{folder}/test.jsonl")
@@ -280,3 +283,28 @@ def test_squad_v2_no_answer_everywhere_scores_the_unanswerable_share(tmp_path):
     assert round(v["val/exact_match"], 4) == 52.1224 and round(v["val/f1"], 4) == 52.1224
     assert v["val/NoAns_exact"] == 100.0 and v["val/HasAns_exact"] == 0.0
     assert set(metric.last_predictions.values()) == {""}
+
+
+def test_record_reads_candidates_and_scores_max_over_answers():
+    from lightmods.data.record_metrics import RecordMetrics
+
+    task = get_task("superglue/record")
+    rows = read_local_split(task, str(DATA_DIRS["superglue/record"]), "validation")
+    assert [len(r["entities"]) for r in rows] == [5, 5, 5] and rows[1]["answers"] == ["Lionel Messi", "Messi"]
+    assert "@highlight" not in rows[0]["passage"]
+    from lightmods.data.builders import encode
+
+    class Tok:  # only the candidate bookkeeping matters here
+        def __call__(self, a, b, **kw):
+            return {"input_ids": [[0]] * len(a), "attention_mask": [[1]] * len(a)}
+
+    feats = encode(task, rows, "validation", Tok(), 32)
+    assert len(feats["idx"]) == 15 and feats["group"][:6] == [0, 0, 0, 0, 0, 1]
+    m = RecordMetrics(task).bind(rows, feats)
+    scores = torch.zeros(15, 2)
+    scores[1, 1] = 5.0  # query 0 -> "Barcelona" (right)
+    scores[9, 1] = 5.0  # query 1 -> "Messi" (a gold alias)
+    scores[11, 1] = 5.0  # query 2 -> "Artemis" (wrong)
+    m.update_batch(scores, {"idx": torch.arange(15)})
+    v = m.compute()
+    assert v["val/exact_match"] == pytest.approx(2 / 3) and v["val/f1"] == pytest.approx(2 / 3)

@@ -4,6 +4,8 @@
 ``wsc``: the candidate noun phrase is marked ``* ... *`` and the pronoun ``# ... #`` in the text.
 ``copa``: one (premise + question, choice) pair per choice, scored jointly (multiple choice).
 ``multirc``: one (paragraph, question + answer) pair per answer, grouped by question for EM.
+``record``: one (passage, query with the candidate entity in place of @placeholder) pair per candidate,
+labelled 1 when the entity is a gold answer, grouped by query; the best-scored candidate is the answer.
 Every feature row carries ``idx`` (the row's position in its split) so predictions map back to rows.
 """
 
@@ -54,6 +56,8 @@ def encode(task: TaskSpec, rows: list[dict], split: str, tokenizer: PreTrainedTo
     """Tokenised features (lists of ids) with ``labels``, ``idx`` and, where a task needs it, ``group``."""
     if task.builder == "copa":
         return _encode_choices(task, rows, tokenizer, max_length)
+    if task.builder == "record":
+        return _encode_candidates(rows, tokenizer, max_length)
     (first, second), _ = text_inputs(task, rows, split)
     truncation = "only_first" if task.builder == "multirc" else True
     enc = tokenizer(first, second, truncation=truncation, max_length=max_length) if second else tokenizer(first, truncation=True, max_length=max_length)
@@ -82,4 +86,20 @@ def _encode_choices(task: TaskSpec, rows: list[dict], tokenizer, max_length: int
             features.setdefault(k, []).append(list(v))
     features["labels"] = [_label(task, r) for r in rows]
     features["idx"] = list(range(len(rows)))
+    return features
+
+
+def _encode_candidates(rows: list[dict], tokenizer, max_length: int) -> dict[str, list]:
+    """ReCoRD: a binary feature per (query, candidate entity); ``group`` is the query's row position."""
+    first, second, labels, groups, candidates = [], [], [], [], []
+    for i, r in enumerate(rows):
+        for entity in r["entities"]:
+            first.append(r["passage"])
+            second.append(r["query"].replace("@placeholder", entity))
+            labels.append(int(entity in r["answers"]) if r["answers"] else -100)
+            groups.append(i)
+            candidates.append(entity)
+    enc = tokenizer(first, second, truncation="only_first", max_length=max_length)
+    features = {k: list(v) for k, v in enc.items()}
+    features.update(labels=labels, group=groups, idx=list(range(len(labels))), candidate=candidates)
     return features

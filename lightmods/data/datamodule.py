@@ -22,7 +22,7 @@ from lightmods.errors import DataError, config_error
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when builders change what they produce
-EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions")
+EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions", "candidate")
 
 
 class EncodedDataset(Dataset):
@@ -117,8 +117,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return read_hub_split(task, split)
 
     def _check_rows(self, split: str, rows: list[dict]) -> None:
-        if self.task.head == "qa":  # read_squad_json checks structure and answer offsets itself
-            needed = ("id", "question", "context", "answers")
+        if self.task.head == "qa" or self.task.builder == "record":  # answers, not labels
+            needed = ("id", "question", "context", "answers") if self.task.head == "qa" else ("passage", "query", "entities", "answers")
             for i, row in enumerate(rows):
                 missing = [c for c in needed if c not in row]
                 if missing:

@@ -104,7 +104,12 @@ def with_score(values: dict[str, float], task: TaskSpec, prefix: str = "val/") -
 
 
 def build_metrics(task: TaskSpec, data_cfg=None, prefix: str = "val/", suffix: str = "", sync: bool = True):
-    """The metric object of a task: :class:`TaskMetrics`, or SQuAD scoring for QA tasks."""
+    """The metric object of a task: :class:`TaskMetrics`; ReCoRD and SQuAD scoring for answer-based tasks
+    (those have ``bind(rows, features)``)."""
+    if task.builder == "record":
+        from lightmods.data.record_metrics import RecordMetrics
+
+        return RecordMetrics(task, prefix=prefix, suffix=suffix, sync=sync)
     if task.head != "qa":
         return TaskMetrics(task, prefix=prefix, suffix=suffix, sync=sync)
     from lightmods.data.qa_metrics import SquadMetrics

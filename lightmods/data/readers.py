@@ -103,6 +103,8 @@ def _normalise_superglue(raw: dict, task: TaskSpec, where: str, split: str) -> l
                     "label": None if label is None else parse_label(label, task, where),
                 })  # fmt: skip
         return rows
+    if name == "record":
+        return _record_rows(raw, task, where)
     row = dict(raw)
     if name == "wsc" and isinstance(row.get("target"), dict):
         row.update(row.pop("target"))
@@ -112,6 +114,29 @@ def _normalise_superglue(raw: dict, task: TaskSpec, where: str, split: str) -> l
     elif _is_test(split) or "label" not in row:
         row["label"] = None
     return [row]
+
+
+def _record_rows(raw: dict, task: TaskSpec, where: str) -> list[dict]:
+    """A ReCoRD passage with its queries as one row per query: candidate entities (the passage's marked
+    spans; ``end`` is inclusive) and gold answer texts. ``@highlight`` markers become "- " as usual."""
+    passage = raw.get("passage")
+    if not isinstance(passage, dict) or "text" not in passage or "entities" not in passage or "qas" not in raw:
+        raise DataError(f"{where}: ReCoRD record needs passage.text, passage.entities and qas")
+    text = passage["text"]
+    try:
+        entities = list(dict.fromkeys(text[e["start"] : e["end"] + 1] for e in passage["entities"]))
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{where}: a ReCoRD entity needs integer start and end ({e})") from None
+    rows = []
+    for q in raw["qas"]:
+        if "@placeholder" not in q.get("query", ""):
+            raise DataError(f"{where}: ReCoRD query {q.get('idx')!r} has no @placeholder")
+        rows.append({
+            "passage": text.replace("@highlight\n", "- "), "query": q["query"], "entities": entities,
+            "answers": list(dict.fromkeys(a["text"] for a in q.get("answers", []))),
+            "idx": {"passage": raw.get("idx"), "query": q.get("idx")}, "label": None,
+        })  # fmt: skip
+    return rows
 
 
 def read_jsonl(path: Path, task: TaskSpec, split: str) -> list[dict]:
@@ -184,6 +209,11 @@ def read_hub_split(task: TaskSpec, split: str, revision: str | None = None) -> l
         r = dict(r)
         if task.head == "qa":
             r["is_impossible"] = len(r["answers"]["text"]) == 0
+            rows.append(r)
+            continue
+        if task.builder == "record":
+            r["passage"] = r["passage"].replace("@highlight\n", "- ")
+            r["entities"], r["answers"], r["label"] = list(dict.fromkeys(r["entities"])), list(r["answers"]), None
             rows.append(r)
             continue
         if r.get("label") is not None and not task.is_regression and r["label"] < 0:

@@ -51,6 +51,8 @@ def write_submission(task: TaskSpec, split: str, rows: list[dict], preds: list, 
             {"idx": pi, "passage": {"questions": [{"idx": qi, "answers": a} for qi, a in qs.items()]}}
             for pi, qs in passages.items()
         ]
+    elif task.builder == "record":  # the predicted entity text per query
+        records = [{"idx": r["idx"]["query"], "label": p} for r, p in zip(rows, preds)]
     else:
         records = [{"idx": r["idx"], "label": _superglue_value(task, p)} for r, p in zip(rows, preds)]
     path.write_text("".join(json.dumps(rec) + "\n" for rec in records))

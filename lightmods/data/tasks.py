@@ -115,6 +115,7 @@ _TASKS = [
                head="multiple_choice", builder="copa", num_choices=2),
     _superglue("multirc", ("paragraph", "question", "answer"), ("False", "True"), ("f1a", "em"), "MultiRC",
                builder="multirc"),
+    _superglue("record", ("passage", "query"), ("False", "True"), ("f1", "exact_match"), "ReCoRD", builder="record"),
     _superglue("rte", ("premise", "hypothesis"), ENTAIL2, ("accuracy",), "RTE"),
     _superglue("wic", ("word", "sentence1", "sentence2"), ("False", "True"), ("accuracy",), "WiC", builder="wic"),
     _superglue("wsc", ("text", "span1_text", "span2_text"), ("False", "True"), ("accuracy",), "WSC",

@@ -102,15 +102,15 @@ class TaskModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = self(batch)
         metrics = self.val_metrics[dataloader_idx]
-        if self.task.head != "qa":  # evaluation windows of QA carry no answer positions
+        if self.task.head != "qa" and self.task.builder != "record":  # scored from answers, not labels
             bs = batch["labels"].shape[0]
             self.log(f"val/loss{metrics.suffix}", self.task_loss(logits, batch["labels"]), sync_dist=True, batch_size=bs, add_dataloader_idx=False)
         metrics.update_batch(logits, batch)
 
     def on_validation_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if self.task.head == "qa" and dm is not None:
-            for metrics, split in zip(self.val_metrics, self.eval_splits):
+        for metrics, split in zip(self.val_metrics, self.eval_splits):
+            if hasattr(metrics, "bind") and dm is not None:
                 metrics.bind(dm.raw[split], dm.datasets[split].features)
 
     def on_validation_epoch_end(self) -> None:
