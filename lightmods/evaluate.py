@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from lightmods.data.metrics import build_metrics
+from lightmods.data.metrics import build_metrics, eval_task
 from lightmods.data.tasks import TaskSpec
 
 
@@ -34,6 +34,8 @@ def evaluate(module, dm, split: str, prefix: str = "val/", suffix: str = ""):
     """``({"<prefix><metric><suffix>": value}, predictions)`` for one labelled split: prediction rows for
     classification, the official ``{id: answer}`` mapping for QA."""
     task, rows = dm.task, dm.raw[split]
+    if task.base and not split.startswith("test"):
+        task = eval_task(task)
     metrics = build_metrics(task, dm.cfg, prefix=prefix, suffix=suffix, sync=False).to(module.device)
     if hasattr(metrics, "bind"):
         metrics.bind(rows, dm.datasets[split].features)

@@ -191,6 +191,11 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             files.write_json(f"predictions/{split}.json", predictions)  # the official {id: answer} file
         else:
             files.write_predictions(split, predictions)
+    for split in dm.test_splits:  # a diagnostic set with labels (AX-b, AX-g) is scored as test/<metric>
+        if task.base and dm.labelled(split):
+            values, predictions = evaluate(module, dm, split, prefix="test/")
+            metrics.update(with_score(values, task, prefix="test/"))
+            files.write_predictions(split, predictions)
     metrics = {k: round(v, 6) for k, v in with_score(metrics, task).items()}
     files.write_json("metrics.json", metrics)
     for split in dm.test_splits:

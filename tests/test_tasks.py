@@ -29,10 +29,24 @@ DATA_DIRS = {
     "superglue/rte": SHARED / "data/superglue/RTE", "superglue/wic": SHARED / "data/superglue/WiC",
     "superglue/wsc": SHARED / "data/superglue/WSC", "superglue/record": FIXTURES / "superglue/ReCoRD",
     "qa/squad": FIXTURES / "squad", "qa/squad_v2": None,  # the shared dev set + a fixture train file, see below
+    "glue/ax": None, "superglue/axb": None, "superglue/axg": None,  # base task files + a diagnostic fixture
 }  # fmt: skip
+DIAGNOSTICS = {
+    "glue/ax": (FIXTURES / "glue/MNLI", FIXTURES / "glue/AX/AX.tsv"),
+    "superglue/axb": (SHARED / "data/superglue/RTE", FIXTURES / "superglue/AX-b/AX-b.jsonl"),
+    "superglue/axg": (SHARED / "data/superglue/RTE", FIXTURES / "superglue/AX-g/AX-g.jsonl"),
+}
 
 
 def data_dir(task: str, tmp_path: Path) -> Path:
+    if task in DIAGNOSTICS:
+        base, fixture = DIAGNOSTICS[task]
+        d = tmp_path / task.replace("/", "_")
+        if not d.exists():
+            d.mkdir()
+            for f in [*base.iterdir(), fixture]:
+                (d / f.name).symlink_to(f)
+        return d
     if task != "qa/squad_v2":
         return DATA_DIRS[task]
     d = tmp_path / "squad_v2"
@@ -59,7 +73,7 @@ def test_every_task_trains_and_evaluates_from_local_files(task, run_cfg, tmp_pat
     assert set(headline) | {"val/score"} <= set(metrics)
     if task == "qa/squad_v2":
         assert {"val/HasAns_exact", "val/NoAns_f1"} <= set(metrics)
-    else:
+    elif not spec.base:
         assert set(metrics) == set(headline) | {"val/score"}
     assert metrics["val/score"] == pytest.approx(sum(metrics[k] for k in headline) / len(headline), abs=1e-5)
     out = Path(cfg.paths.output_dir)
@@ -308,3 +322,29 @@ def test_record_reads_candidates_and_scores_max_over_answers():
     m.update_batch(scores, {"idx": torch.arange(15)})
     v = m.compute()
     assert v["val/exact_match"] == pytest.approx(2 / 3) and v["val/f1"] == pytest.approx(2 / 3)
+
+
+def test_ax_predicts_the_diagnostic_with_an_mnli_model(run_cfg, tmp_path):
+    cfg = run_cfg("data=glue/ax", f"data.data_dir={data_dir('glue/ax', tmp_path)}", f"data.cache_dir={tmp_path / 'c'}")
+    m = train(cfg)
+    assert {"val/accuracy", "val/accuracy_mm", "val/score"} == set(m)  # MNLI validation; AX has no labels
+    lines = (Path(cfg.paths.output_dir) / "predictions" / "AX.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 4
+
+
+@pytest.mark.parametrize("task,test_keys", [("superglue/axb", {"test/mcc"}), ("superglue/axg", {"test/gender_parity", "test/accuracy"})])
+def test_superglue_diagnostics_are_scored_with_an_rte_model(run_cfg, tmp_path, task, test_keys):
+    cfg = run_cfg(f"data={task}", f"data.data_dir={data_dir(task, tmp_path)}", f"data.cache_dir={tmp_path / 'c'}")
+    m = train(cfg)
+    assert {"val/accuracy", "val/score"} | test_keys | {"test/score"} == set(m)
+    out = Path(cfg.paths.output_dir) / "predictions"
+    assert (out / f"{get_task(task).submission}.jsonl").exists() and (out / "test.jsonl").exists()
+
+
+def test_gender_parity_counts_pairs_with_the_same_prediction():
+    task = get_task("superglue/axg")
+    m = TaskMetrics(task, prefix="test/")
+    preds = torch.tensor([0, 0, 1, 0])  # pair 0 agrees, pair 1 does not
+    m.update(torch.nn.functional.one_hot(preds, 2).float(), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    v = m.compute()
+    assert v["test/gender_parity"] == pytest.approx(0.5) and v["test/accuracy"] == pytest.approx(0.75)

@@ -64,6 +64,8 @@ def encode(task: TaskSpec, rows: list[dict], split: str, tokenizer: PreTrainedTo
     features = {k: list(v) for k, v in enc.items()}
     features["labels"] = [_label(task, r) for r in rows]
     features["idx"] = list(range(len(rows)))
+    if rows and "pair_id" in rows[0]:  # AX-g: sentence pairs that differ only in the pronoun's gender
+        features["group"] = [int(r["pair_id"]) for r in rows]
     if task.builder == "multirc":
         groups: dict = {}
         features["group"] = [groups.setdefault((str(r["idx"]["paragraph"]), str(r["idx"]["question"])), len(groups)) for r in rows]

@@ -37,6 +37,29 @@ class GroupExactMatch(torchmetrics.Metric):
         return (wrong == 0).float().mean()
 
 
+class GenderParity(torchmetrics.Metric):
+    """AX-g gender parity: the share of minimal pairs (same ``group``) given the same prediction."""
+
+    full_state_update = False
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
+        self.preds.append(preds.long())
+        self.groups.append(groups.long())
+
+    def compute(self) -> torch.Tensor:
+        preds = torchmetrics.utilities.dim_zero_cat(self.preds)
+        groups = torchmetrics.utilities.dim_zero_cat(self.groups)
+        pairs: dict[int, set] = {}
+        for g, p in zip(groups.tolist(), preds.tolist()):
+            pairs.setdefault(g, set()).add(p)
+        return torch.tensor(sum(len(v) == 1 for v in pairs.values()) / max(len(pairs), 1))
+
+
 def _make(name: str, task: TaskSpec, **kw) -> torchmetrics.Metric:
     if name == "accuracy":
         return torchmetrics.Accuracy(task="multiclass", num_classes=task.num_labels, average="micro", **kw)
@@ -52,6 +75,8 @@ def _make(name: str, task: TaskSpec, **kw) -> torchmetrics.Metric:
         return torchmetrics.SpearmanCorrCoef(**kw)
     if name == "em":
         return GroupExactMatch(**kw)
+    if name == "gender_parity":
+        return GenderParity(**kw)
     raise KeyError(f"unknown metric {name!r}")
 
 
@@ -78,7 +103,7 @@ class TaskMetrics(nn.Module):
         preds = self.predictions(logits)[keep]
         labels = labels[keep]
         for name, metric in self.metrics.items():
-            if name == "em":
+            if name in ("em", "gender_parity"):
                 metric.update(preds, labels, groups[keep])
             else:
                 metric.update(preds, labels.to(preds.dtype) if self.task.is_regression else labels)
@@ -91,9 +116,17 @@ class TaskMetrics(nn.Module):
             m.reset()
 
 
+def eval_task(task: TaskSpec) -> TaskSpec:
+    """The task whose metrics validation reports: a diagnostic task validates on its base task."""
+    from lightmods.data.tasks import get_task
+
+    return get_task(task.base) if task.base else task
+
+
 def headline_keys(task: TaskSpec, prefix: str = "val/") -> list[str]:
     """The metric names ``<prefix>score`` averages: the task's metrics on each evaluated split."""
-    return [f"{prefix}{m}{s}" for s in task.eval_splits.values() for m in task.metrics]
+    scored = eval_task(task) if prefix == "val/" else task
+    return [f"{prefix}{m}{s}" for s in scored.eval_splits.values() for m in scored.metrics]
 
 
 def with_score(values: dict[str, float], task: TaskSpec, prefix: str = "val/") -> dict[str, float]:

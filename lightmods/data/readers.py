@@ -105,7 +105,7 @@ def _normalise_superglue(raw: dict, task: TaskSpec, where: str, split: str) -> l
         return rows
     if name == "record":
         return _record_rows(raw, task, where)
-    row = dict(raw)
+    row = {task.column_renames.get(k, k): v for k, v in raw.items()}
     if name == "wsc" and isinstance(row.get("target"), dict):
         row.update(row.pop("target"))
         row.setdefault("span1_index", row.get("span1_index"))
@@ -206,7 +206,7 @@ def read_hub_split(task: TaskSpec, split: str, revision: str | None = None) -> l
         ) from e
     rows = []
     for r in ds:
-        r = dict(r)
+        r = {task.column_renames.get(k, k): v for k, v in dict(r).items()}
         if task.head == "qa":
             r["is_impossible"] = len(r["answers"]["text"]) == 0
             rows.append(r)

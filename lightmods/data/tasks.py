@@ -21,7 +21,8 @@ class TaskSpec:
     maps each evaluated split to the suffix its metric names get (MNLI: matched ``""``, mismatched
     ``"_mm"``). ``local_files`` maps a split to its file name(s) in ``data.data_dir``;
     ``local_columns`` maps row columns to GLUE tsv header names (an int: a column position, for
-    header-less files).
+    header-less files). A diagnostic task names its ``base``: it trains and validates on the base task's
+    data and scores (or, without labels, only predicts) its own test file with its own metrics.
     """
 
     name: str
@@ -41,6 +42,8 @@ class TaskSpec:
     eval_splits: dict[str, str] = field(default_factory=lambda: {"validation": ""})
     submission: str | None = None
     num_choices: int = 0
+    base: str | None = None
+    column_renames: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_regression(self) -> bool:
@@ -108,6 +111,9 @@ _TASKS = [
           {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, "RTE"),
     _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",),
           {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, "WNLI"),
+    _glue("ax", ("premise", "hypothesis"), _MNLI_LABELS, ("accuracy",), _MNLI_COLUMNS, "AX", base="glue/mnli",
+          hub_splits={"test": "test"}, local_files={"test": ("AX.tsv", "diagnostic.tsv")},
+          eval_splits={"validation_matched": "", "validation_mismatched": "_mm"}),
     # SuperGLUE
     _superglue("boolq", ("question", "passage"), ("False", "True"), ("accuracy",), "BoolQ"),
     _superglue("cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"), ("accuracy", "macro_f1"), "CB"),
@@ -120,6 +126,11 @@ _TASKS = [
     _superglue("wic", ("word", "sentence1", "sentence2"), ("False", "True"), ("accuracy",), "WiC", builder="wic"),
     _superglue("wsc", ("text", "span1_text", "span2_text"), ("False", "True"), ("accuracy",), "WSC",
                builder="wsc", hub_config="wsc.fixed"),
+    _superglue("axb", ("premise", "hypothesis"), ENTAIL2, ("mcc",), "AX-b", base="superglue/rte",
+               hub_splits={"test": "test"}, local_files={"test": ("AX-b.jsonl", "axb.jsonl")},
+               column_renames={"sentence1": "premise", "sentence2": "hypothesis"}),
+    _superglue("axg", ("premise", "hypothesis"), ENTAIL2, ("gender_parity", "accuracy"), "AX-g", base="superglue/rte",
+               hub_splits={"test": "test"}, local_files={"test": ("AX-g.jsonl", "axg.jsonl")}),
     # Extractive QA
     TaskSpec(
         name="qa/squad", benchmark="qa", text_fields=("question", "context"), label_names=None,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.config.schema import OptimConfig
-from lightmods.data.metrics import build_metrics, with_score
+from lightmods.data.metrics import build_metrics, eval_task, with_score
 from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
@@ -66,7 +66,7 @@ class TaskModule(L.LightningModule):
         self.loss_terms = list(loss_terms)
         self.run_config = run_config or {}
         self.eval_splits = dict(eval_splits or {"validation": ""})
-        self.val_metrics = nn.ModuleList(build_metrics(task, data_cfg, suffix=s) for s in self.eval_splits.values())
+        self.val_metrics = nn.ModuleList(build_metrics(eval_task(task), data_cfg, suffix=s) for s in self.eval_splits.values())
 
     def forward(self, batch: dict) -> torch.Tensor:
         out = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
