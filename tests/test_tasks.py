@@ -189,7 +189,7 @@ def test_missing_column_in_jsonl_stops_the_run(tmp_path):
     (tmp_path / "val.jsonl").write_text('{"premise": "a", "hypothesis": "b", "label": "neutral", "idx": 0}\n')
     rc = validate(compose_run(["model=tiny", "data=superglue/cb", f"data.data_dir={tmp_path}", "data.cache=false"], tmp_path / "o"))
     dm = TextClassificationDataModule(get_task("superglue/cb"), rc.data, build_tokenizer(rc.model))
-    with pytest.raises(DataError, match=r"superglue/cb/train row 0: missing column\(s\) \['hypothesis'\]"):
+    with pytest.raises(DataError, match=r"train.jsonl:1: missing field\(s\) \['hypothesis'\]"):
         dm.setup("fit")
 
 

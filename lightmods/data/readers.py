@@ -151,7 +151,11 @@ def read_jsonl(path: Path, task: TaskSpec, split: str) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(raw, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(raw).__name__}")
-            rows.extend(_normalise_superglue(raw, task, f"{path}:{lineno}", split))
+            for row in _normalise_superglue(raw, task, f"{path}:{lineno}", split):
+                missing = [f for f in task.text_fields if f not in row]
+                if missing:
+                    raise DataError(f"{path}:{lineno}: missing field(s) {missing}; {task.name} rows need {list(task.text_fields)}")
+                rows.append(row)
     return rows
 
 
