@@ -12,52 +12,72 @@ from lightmods.data.tasks import TaskSpec
 IGNORE = -100
 
 
-class GroupExactMatch(torchmetrics.Metric):
-    """MultiRC EM: the share of questions whose every answer option is classified correctly."""
-
-    full_state_update = False
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.add_state("correct", default=[], dist_reduce_fx="cat")
-        self.add_state("groups", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
-        self.correct.append((preds == target).long())
-        self.groups.append(groups.long())
-
-    def compute(self) -> torch.Tensor:
-        correct = torchmetrics.utilities.dim_zero_cat(self.correct)
-        groups = torchmetrics.utilities.dim_zero_cat(self.groups)
-        if groups.numel() == 0:
-            return torch.tensor(0.0)
-        _, inverse = torch.unique(groups, return_inverse=True)
-        n = int(inverse.max()) + 1
-        wrong = torch.zeros(n, dtype=torch.long, device=correct.device).index_add_(0, inverse, 1 - correct)
-        return (wrong == 0).float().mean()
-
-
-class GenderParity(torchmetrics.Metric):
-    """AX-g gender parity: the share of minimal pairs (same ``group``) given the same prediction."""
+class _GroupedMetric(torchmetrics.Metric):
+    """Keeps every (prediction, label, group) so that ``compute`` can score groups of rows."""
 
     full_state_update = False
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
         self.add_state("groups", default=[], dist_reduce_fx="cat")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
         self.preds.append(preds.long())
+        self.target.append(target.long())
         self.groups.append(groups.long())
 
+    def _by_group(self) -> dict[int, list[tuple[int, int]]]:
+        cat = torchmetrics.utilities.dim_zero_cat
+        out: dict[int, list[tuple[int, int]]] = {}
+        for g, p, t in zip(cat(self.groups).tolist(), cat(self.preds).tolist(), cat(self.target).tolist()):
+            out.setdefault(g, []).append((p, t))
+        return out
+
+
+class GroupExactMatch(_GroupedMetric):
+    """MultiRC EM: the share of questions whose every answer option is classified correctly."""
+
     def compute(self) -> torch.Tensor:
-        preds = torchmetrics.utilities.dim_zero_cat(self.preds)
-        groups = torchmetrics.utilities.dim_zero_cat(self.groups)
-        pairs: dict[int, set] = {}
-        for g, p in zip(groups.tolist(), preds.tolist()):
-            pairs.setdefault(g, set()).add(p)
-        return torch.tensor(sum(len(v) == 1 for v in pairs.values()) / max(len(pairs), 1))
+        groups = self._by_group()
+        return torch.tensor(sum(all(p == t for p, t in v) for v in groups.values()) / max(len(groups), 1))
+
+
+class GenderParity(_GroupedMetric):
+    """AX-g gender parity: the share of minimal pairs (same ``group``) given the same prediction."""
+
+    def compute(self) -> torch.Tensor:
+        groups = self._by_group()
+        return torch.tensor(sum(len({p for p, _ in v}) == 1 for v in groups.values()) / max(len(groups), 1))
+
+
+class BoundMetric(torchmetrics.Metric):
+    """A metric scored from a split's rows and features rather than from labels (SQuAD, ReCoRD): call
+    :meth:`bind` before ``compute``; ``last_predictions`` holds the decoded answers afterwards."""
+
+    full_state_update = False
+
+    def __init__(self, task: TaskSpec, prefix: str = "val/", suffix: str = "", sync: bool = True):
+        super().__init__(sync_on_compute=sync)
+        self.task, self.prefix, self.suffix = task, prefix, suffix
+        self.rows: list[dict] | None = None
+        self.features: dict | None = None
+        self.last_predictions: dict = {}
+
+    def bind(self, rows: list[dict], features: dict):
+        self.rows, self.features = rows, features
+        return self
+
+    def _check_bound(self) -> None:
+        if self.rows is None:
+            raise RuntimeError(f"{type(self).__name__}.bind(rows, features) was not called")
+
+    def update_batch(self, logits: torch.Tensor, batch: dict) -> None:
+        raise NotImplementedError
+
+    def update(self, *args, **kwargs) -> None:  # torchmetrics requires it; update_batch is the entry point
+        self.update_batch(*args, **kwargs)
 
 
 def _make(name: str, task: TaskSpec, **kw) -> torchmetrics.Metric:

@@ -5,9 +5,9 @@ official definitions. Values are percentages, as the official scripts report the
 from __future__ import annotations
 
 import torch
-import torchmetrics
 from torchmetrics.utilities import dim_zero_cat
 
+from lightmods.data.metrics import BoundMetric
 from lightmods.data.qa import postprocess_predictions
 from lightmods.data.squad_metric import squad_scores
 from lightmods.data.tasks import TaskSpec
@@ -15,27 +15,17 @@ from lightmods.data.tasks import TaskSpec
 PAD_LOGIT = -1e4
 
 
-class SquadMetrics(torchmetrics.Metric):
-    """Call :meth:`bind` with the split's rows and window features before computing."""
-
-    full_state_update = False
+class SquadMetrics(BoundMetric):
+    """Bound to the split's rows (gold answers) and window features (example ids, offsets)."""
 
     def __init__(self, task: TaskSpec, prefix: str = "val/", suffix: str = "", max_length: int = 384,
                  n_best: int = 20, max_answer_length: int = 30, null_threshold: float = 0.0, sync: bool = True):  # fmt: skip
-        super().__init__(sync_on_compute=sync)
-        self.task, self.prefix, self.suffix = task, prefix, suffix
+        super().__init__(task, prefix, suffix, sync)
         self.max_length, self.n_best, self.max_answer_length, self.null_threshold = max_length, n_best, max_answer_length, null_threshold
         self.version_2 = task.builder == "squad_v2"
-        self.rows: list[dict] | None = None
-        self.features: dict | None = None
-        self.last_predictions: dict[str, str] = {}
         self.add_state("idx", default=[], dist_reduce_fx="cat")
         self.add_state("start", default=[], dist_reduce_fx="cat")
         self.add_state("end", default=[], dist_reduce_fx="cat")
-
-    def bind(self, rows: list[dict], features: dict) -> SquadMetrics:
-        self.rows, self.features = rows, features
-        return self
 
     def update_batch(self, logits: torch.Tensor, batch: dict) -> None:
         pad = self.max_length - logits.shape[1]
@@ -44,12 +34,8 @@ class SquadMetrics(torchmetrics.Metric):
         self.start.append(logits[..., 0])
         self.end.append(logits[..., 1])
 
-    def update(self, *args, **kwargs) -> None:  # torchmetrics requires it; update_batch is the entry point
-        self.update_batch(*args, **kwargs)
-
     def compute(self) -> dict[str, float]:
-        if self.rows is None:
-            raise RuntimeError("SquadMetrics.bind(rows, features) was not called")
+        self._check_bound()
         idx = dim_zero_cat(self.idx).cpu()
         start, end = dim_zero_cat(self.start).cpu(), dim_zero_cat(self.end).cpu()
         first = {}

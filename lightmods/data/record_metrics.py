@@ -4,41 +4,27 @@ prediction; EM and token F1 are the maxima over the gold answers (SQuAD normalis
 from __future__ import annotations
 
 import torch
-import torchmetrics
 from torchmetrics.utilities import dim_zero_cat
 
+from lightmods.data.metrics import BoundMetric
 from lightmods.data.squad_metric import exact_match_score, f1_score
 from lightmods.data.tasks import TaskSpec
 
 
-class RecordMetrics(torchmetrics.Metric):
-    """Call :meth:`bind` with the split's rows and candidate features before computing."""
-
-    full_state_update = False
+class RecordMetrics(BoundMetric):
+    """Bound to the split's rows (gold answers) and candidate features (entity text, query group)."""
 
     def __init__(self, task: TaskSpec, prefix: str = "val/", suffix: str = "", sync: bool = True):
-        super().__init__(sync_on_compute=sync)
-        self.task, self.prefix, self.suffix = task, prefix, suffix
-        self.rows: list[dict] | None = None
-        self.features: dict | None = None
-        self.last_predictions: dict[int, str] = {}
+        super().__init__(task, prefix, suffix, sync)
         self.add_state("idx", default=[], dist_reduce_fx="cat")
         self.add_state("score", default=[], dist_reduce_fx="cat")
-
-    def bind(self, rows: list[dict], features: dict) -> RecordMetrics:
-        self.rows, self.features = rows, features
-        return self
 
     def update_batch(self, logits: torch.Tensor, batch: dict) -> None:
         self.idx.append(batch["idx"])
         self.score.append((logits[:, 1] - logits[:, 0]).float())
 
-    def update(self, *args, **kwargs) -> None:  # torchmetrics requires it; update_batch is the entry point
-        self.update_batch(*args, **kwargs)
-
     def compute(self) -> dict[str, float]:
-        if self.rows is None:
-            raise RuntimeError("RecordMetrics.bind(rows, features) was not called")
+        self._check_bound()
         best: dict[int, tuple[float, str]] = {}
         for i, s in zip(dim_zero_cat(self.idx).tolist(), dim_zero_cat(self.score).tolist()):
             group, entity = self.features["group"][i], self.features["candidate"][i]
