@@ -50,7 +50,8 @@ def test_cli_run_writes_resolved_config_and_prints_results(tmp_path):
 
 def test_ddp_cpu_runs_two_processes_that_see_the_same_metrics(tmp_path):
     run_dir = tmp_path / "ddp"
-    r = run_cli(*TINY, "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    # 47 validation rows: an odd count, so a padded sampler would score a row twice
+    r = run_cli(*TINY, "trainer=ddp_cpu", "trainer.max_epochs=1", "data.max_eval_samples=47", f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     logs = "".join(p.read_text() for p in run_dir.glob("*.log"))
     per_rank = dict(re.findall(r"rank (\d) validation metrics at the end of fit: (\{.*\})", logs))
@@ -61,4 +62,9 @@ def test_ddp_cpu_runs_two_processes_that_see_the_same_metrics(tmp_path):
     assert summary["status"] == "completed"
     # 64 training rows over 2 ranks x batch 32: one step per epoch on each rank
     assert summary["global_step"] == 1
-    assert set(json.loads((run_dir / "metrics.json").read_text())) == {"val/accuracy", "val/f1", "val/score"}
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert set(final) == {"val/accuracy", "val/f1", "val/score"}
+    # in-fit validation (sharded over 2 ranks) saw every row once: it equals the single-process evaluation
+    in_fit = json.loads(per_rank["0"].replace("'", '"'))
+    for k in final:
+        assert in_fit[k] == pytest.approx(final[k], abs=1e-6), (k, in_fit, final)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightmods.config.schema import DataConfig
@@ -55,6 +56,21 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class UnpaddedShardSampler(DistributedSampler):
+    """Validation under DDP: rank r takes rows r, r + world, ... with no padding, so every row is scored
+    exactly once when torchmetrics gathers the ranks' states (Lightning's default sampler repeats rows to
+    even out the shards). Lightning keeps a sampler that already is a DistributedSampler."""
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 class Collator:
@@ -230,10 +246,14 @@ class TextClassificationDataModule(L.LightningDataModule):
             generator=self._generator(),
         )
 
-    def eval_dataloader(self, split: str = "validation") -> DataLoader:
+    def eval_dataloader(self, split: str = "validation", shard: bool = False) -> DataLoader:
+        """All rows of a split in order; ``shard=True`` under DDP gives this rank's unpadded share."""
+        ds = self.datasets[split]
+        sharded = shard and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         return DataLoader(
-            self.datasets[split],
+            ds,
             batch_size=self.cfg.eval_batch_size,
+            sampler=UnpaddedShardSampler(ds) if sharded else None,
             shuffle=False,
             collate_fn=self.collator,
             num_workers=self.cfg.num_workers,
@@ -241,4 +261,4 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_dataloader(s) for s in self.eval_splits]
+        return [self.eval_dataloader(s, shard=True) for s in self.eval_splits]
