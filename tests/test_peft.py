@@ -22,7 +22,7 @@ from lightmods.peft import (
 from tests.conftest import compose_run
 
 MODELS = ["tiny", "tiny_llama"]
-METHODS = ["full_ft", "lora", "adapter"]
+METHODS = ["full_ft", "lora", "moslora", "adapter"]
 
 
 def build(model: str, method: str, tmp_path, *overrides: str):
@@ -53,7 +53,7 @@ def test_only_intended_parameters_train_and_change(case):
     else:
         head = m.family.head_modules
         for n in names_trainable:
-            is_adapter = any(k in n for k in ("lora_A", "lora_B", "adapter_down", "adapter_up"))
+            is_adapter = any(k in n for k in ("lora_A", "lora_B", "lora_mixer", "adapter_down", "adapter_up"))
             is_head = any(n.startswith(h + ".") or f".{h}." in n for h in head)
             assert is_adapter or is_head, n
         assert any("lora_" in n or "adapter_" in n for n in names_trainable)
@@ -139,6 +139,9 @@ def test_parameter_accounting(case):
         expected = sum(layer.rank * (layer.in_features + layer.out_features) for _, layer in adapter_layers(net))
         assert roles["adapter"]["trainable"] == expected > 0
         assert roles["backbone"]["trainable"] == 0
+    if method == "moslora":  # LoRA's (d_in + d_out) r plus the r x r mixer per layer
+        expected = sum(layer.rank * (layer.in_features + layer.out_features + layer.rank) for _, layer in adapter_layers(net))
+        assert roles["adapter"]["trainable"] == expected > 0
     if method == "adapter":
         expected = sum(2 * layer.bottleneck_dim * layer.out_features + layer.bottleneck_dim + layer.out_features for _, layer in adapter_layers(net))
         assert roles["adapter"]["trainable"] == expected > 0
@@ -189,3 +192,24 @@ def test_injection_keeps_the_base_layer():
     names = inject_adapters(model, ["0"], lambda lin: LoraLinear(lin, rank=1))
     assert names == ["0"] and model[0].base_layer is first
     assert count_parameters(model)["params_by_role"]["adapter"]["total"] == 8
+
+
+def test_moslora_with_identity_mixer_is_lora_and_orthogonal_init_is_orthogonal():
+    from lightmods.peft import MoSLoraLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    mos = MoSLoraLinear(base, rank=3, alpha=6, mixer_init="orthogonal")
+    m = mos.lora_mixer.weight
+    torch.testing.assert_close(m @ m.T, torch.eye(3), atol=1e-5, rtol=0)
+    lora = LoraLinear(base, rank=3, alpha=6)
+    with torch.no_grad():
+        lora.lora_A.weight.copy_(mos.lora_A.weight)
+        mos.lora_B.weight.normal_()
+        lora.lora_B.weight.copy_(mos.lora_B.weight)
+        mos.lora_mixer.weight.copy_(torch.eye(3))
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(mos(x), lora(x))
+    with torch.no_grad():
+        mos.lora_mixer.weight.normal_()
+    assert not torch.allclose(mos(x), lora(x))  # a non-identity mixer mixes the subspaces

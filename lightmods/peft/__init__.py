@@ -13,11 +13,13 @@ from lightmods.peft.inject import (
 )
 from lightmods.peft.layer import AdapterLayer
 from lightmods.peft.lora import LoraLinear
+from lightmods.peft.moslora import MoSLoraLinear
 
 __all__ = [
     "AdapterLayer",
     "BottleneckAdapter",
     "LoraLinear",
+    "MoSLoraLinear",
     "adapter_layers",
     "count_parameters",
     "inject_adapters",
