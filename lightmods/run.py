@@ -21,6 +21,7 @@ from lightmods.data.metrics import with_score
 from lightmods.data.submission import write_submission
 from lightmods.data.tasks import get_task
 from lightmods.evaluate import evaluate, predict
+from lightmods.export import export_model
 from lightmods.methods import build_method
 from lightmods.models import build_backbone, build_tokenizer, family_of, model_max_positions
 from lightmods.modules import TaskModule
@@ -207,6 +208,8 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             ordered = [p for _, p in sorted(zip(positions, preds))]
         path = write_submission(task, split, dm.raw[split], ordered, files.dir / "predictions")
         log.info("%s predictions for submission: %s", split, path)
+    export_dir = export_model(model, files.dir / "export", plain, method.family.head_modules if method.family else (), rc.method.name)
+    log.info("exported the model to %s", export_dir)
     best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     summary = {

@@ -1,0 +1,136 @@
+"""``export/``: the trained model in a form other tools load without lightmods.
+
+- LoRA-family adapters (LoRA; MoSLoRA with its mixer folded into A, which is exact) are written in HF
+  PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors`` (task head and BERT pooler as
+  ``modules_to_save``), next to ``base/``, the frozen base model with the task head's config, so that
+  ``peft.AutoPeftModelForSequenceClassification.from_pretrained(export_dir)`` reproduces the outputs.
+- Full fine-tuning: a plain transformers model (``save_pretrained``).
+- Methods that neither can express (e.g. bottleneck adapters): ``model.safetensors`` plus ``lightmods.json``
+  (the run config), loaded back by :func:`load_export`.
+Every export records its kind in ``lightmods.json``; :func:`load_export` loads all three back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightmods.peft import LoraLinear, adapter_layers
+from lightmods.peft.inject import match_module
+from lightmods.peft.moslora import MoSLoraLinear
+
+
+def _lora_factors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with ``delta = scaling * B A``; MoSLoRA's mixer is folded into A."""
+    a = layer.lora_A.weight
+    if isinstance(layer, MoSLoraLinear):
+        a = layer.lora_mixer.weight @ a
+    return a.detach().contiguous(), layer.lora_B.weight.detach().contiguous()
+
+
+def strip_adapters(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every adapter layer replaced by the base layer it wraps."""
+    bare = copy.deepcopy(model)
+    for name, _ in list(adapter_layers(bare)):
+        parent_name, _, child = name.rpartition(".")
+        parent = bare.get_submodule(parent_name) if parent_name else bare
+        setattr(parent, child, getattr(parent, child).base_layer)
+    return bare
+
+
+def export_kind(model: nn.Module, method_name: str) -> str:
+    layers = [layer for _, layer in adapter_layers(model)]
+    if layers and all(isinstance(layer, LoraLinear) for layer in layers) and len({layer.scaling * layer.rank for layer in layers}) == 1:
+        return "peft_lora"
+    if not layers and method_name == "full_ft":
+        return "transformers"
+    return "lightmods"
+
+
+def export_model(model: nn.Module, out: Path, run_config: dict, head_patterns: tuple[str, ...], method_name: str) -> Path:
+    """Write ``out`` (``export/``) for ``model``; returns the folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    kind = export_kind(model, method_name)
+    if kind == "peft_lora":
+        _export_peft(model, out, head_patterns)
+    elif kind == "transformers":
+        model.save_pretrained(out)
+    else:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "lightmods.json").write_text(json.dumps({"kind": kind, "config": run_config}, indent=2, default=str) + "\n")
+    return out
+
+
+def _export_peft(model: nn.Module, out: Path, head_patterns: tuple[str, ...]) -> None:
+    layers = list(adapter_layers(model))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        a, b = _lora_factors(layer)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    saved_heads = []
+    for name, module in model.named_modules():
+        if name and match_module(name, head_patterns) and any(p.requires_grad for p in module.parameters()):
+            saved_heads.append(name.split(".")[-1])
+            for pname, p in module.named_parameters():
+                tensors[f"base_model.model.{name}.{pname}"] = p.detach().contiguous()
+    save_file(tensors, out / "adapter_model.safetensors")
+    strip_adapters(model).save_pretrained(out / "base")
+    first = layers[0][1]
+    config = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": first.rank, "lora_alpha": first.scaling * first.rank,
+        "lora_dropout": 0.0, "target_modules": [n for n, _ in layers], "modules_to_save": sorted(set(saved_heads)),
+        "base_model_name_or_path": str((out / "base").resolve()), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_export(path: str | Path) -> nn.Module:
+    """The exported model, ready for inference, whatever its kind (PEFT adapters come back merged)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    meta = json.loads((path / "lightmods.json").read_text())
+    if meta["kind"] == "transformers":
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(path).eval()
+    if meta["kind"] == "peft_lora":
+        return _load_peft_merged(path).eval()
+    from lightmods.config import validate
+    from lightmods.data.tasks import get_task
+    from lightmods.methods import build_method
+    from lightmods.models import build_backbone, build_tokenizer, family_of
+
+    rc = validate(OmegaConf.create(meta["config"]))
+    task = get_task(rc.data.task)
+    model = build_backbone(rc.model, task, build_tokenizer(rc.model))
+    model = build_method(rc.method).prepare(model, family_of(model))
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return model.eval()
+
+
+def _load_peft_merged(path: Path) -> nn.Module:
+    """Base model + LoRA deltas folded into the weights + saved head modules, without the peft package."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = json.loads((path / "adapter_config.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(path / "base")
+    tensors = load_file(path / "adapter_model.safetensors")
+    scaling = config["lora_alpha"] / config["r"]
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name in config["target_modules"]:
+            a, b = tensors[f"{prefix}{name}.lora_A.weight"], tensors[f"{prefix}{name}.lora_B.weight"]
+            model.get_submodule(name).weight += scaling * (b @ a)
+        own = dict(model.named_parameters())
+        for key, value in tensors.items():
+            if ".lora_" not in key:
+                own[key[len(prefix):]].copy_(value)
+    return model
