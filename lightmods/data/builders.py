@@ -35,20 +35,18 @@ def _wsc_text(row: dict, where: str) -> str:
     return " ".join(words)
 
 
-def text_inputs(task: TaskSpec, rows: list[dict], split: str) -> tuple[list, list | None]:
-    """The first and (optional) second text of every feature, and the feature -> row map for builders
-    that make several features per row; ``None`` means one feature per row."""
+def text_inputs(task: TaskSpec, rows: list[dict], split: str) -> tuple[list[str], list[str] | None]:
+    """The first and (optional) second text of each row, for builders that make one feature per row."""
     name = task.builder
     if name == "text":
         first = [r[task.text_fields[0]] for r in rows]
-        second = [r[task.text_fields[1]] for r in rows] if len(task.text_fields) > 1 else None
-        return [first, second], None
+        return first, ([r[task.text_fields[1]] for r in rows] if len(task.text_fields) > 1 else None)
     if name == "wic":
-        return [[f"{r['word']} : {r['sentence1']}" for r in rows], [r["sentence2"] for r in rows]], None
+        return [f"{r['word']} : {r['sentence1']}" for r in rows], [r["sentence2"] for r in rows]
     if name == "wsc":
-        return [[_wsc_text(r, f"{task.name}/{split} row {i}") for i, r in enumerate(rows)], None], None
+        return [_wsc_text(r, f"{task.name}/{split} row {i}") for i, r in enumerate(rows)], None
     if name == "multirc":
-        return [[r["paragraph"] for r in rows], [f"{r['question']} {r['answer']}" for r in rows]], None
+        return [r["paragraph"] for r in rows], [f"{r['question']} {r['answer']}" for r in rows]
     raise KeyError(name)
 
 
@@ -58,9 +56,9 @@ def encode(task: TaskSpec, rows: list[dict], split: str, tokenizer: PreTrainedTo
         return _encode_choices(task, rows, tokenizer, max_length)
     if task.builder == "record":
         return _encode_candidates(rows, tokenizer, max_length)
-    (first, second), _ = text_inputs(task, rows, split)
-    truncation = "only_first" if task.builder == "multirc" else True
-    enc = tokenizer(first, second, truncation=truncation, max_length=max_length) if second else tokenizer(first, truncation=True, max_length=max_length)
+    first, second = text_inputs(task, rows, split)
+    truncation = "only_first" if task.builder == "multirc" else True  # keep MultiRC's question and answer whole
+    enc = tokenizer(first, second, truncation=truncation, max_length=max_length)
     features = {k: list(v) for k, v in enc.items()}
     features["labels"] = [_label(task, r) for r in rows]
     features["idx"] = list(range(len(rows)))

@@ -108,7 +108,6 @@ def _normalise_superglue(raw: dict, task: TaskSpec, where: str, split: str) -> l
     row = {task.column_renames.get(k, k): v for k, v in raw.items()}
     if name == "wsc" and isinstance(row.get("target"), dict):
         row.update(row.pop("target"))
-        row.setdefault("span1_index", row.get("span1_index"))
     if "label" in row and row["label"] is not None:
         row["label"] = parse_label(row["label"], task, where)
     elif _is_test(split) or "label" not in row:
