@@ -4,7 +4,8 @@
   PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors`` (task head and BERT pooler as
   ``modules_to_save``), next to ``base/``, the frozen base model with the task head's config, so that
   ``peft.AutoPeftModelForSequenceClassification.from_pretrained(export_dir)`` reproduces the outputs.
-- Full fine-tuning: a plain transformers model (``save_pretrained``).
+- Full fine-tuning, and adapters that are all mergeable but not LoRA-shaped (e.g. LoRETTA_rep's tensor
+  trains): a plain transformers model (``save_pretrained``), the adapters merged into the weights.
 - Methods that neither can express (e.g. bottleneck adapters): ``model.safetensors`` plus ``lightmods.json``
   (the run config), loaded back by :func:`load_export`.
 Every export records its kind in ``lightmods.json``; :func:`load_export` loads all three back.
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightmods.peft import LoraLinear, adapter_layers
-from lightmods.peft.inject import match_module
+from lightmods.peft.inject import match_module, merge_adapters
 from lightmods.peft.moslora import MoSLoraLinear
 
 
@@ -33,9 +34,15 @@ def _lora_factors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return a.detach().contiguous(), layer.lora_B.weight.detach().contiguous()
 
 
-def strip_adapters(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every adapter layer replaced by the base layer it wraps."""
+def strip_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
+    """A copy of ``model`` with every adapter layer replaced by the base layer it wraps; with ``merge``, the
+    adapters are merged into those base layers first (every adapter layer must be mergeable)."""
     bare = copy.deepcopy(model)
+    if merge:
+        fixed = [name for name, layer in adapter_layers(bare) if not layer.mergeable]
+        if fixed:
+            raise ValueError(f"cannot merge the adapters of {', '.join(fixed)}: not linear in their input")
+        merge_adapters(bare)
     for name, _ in list(adapter_layers(bare)):
         parent_name, _, child = name.rpartition(".")
         parent = bare.get_submodule(parent_name) if parent_name else bare
@@ -49,20 +56,30 @@ def export_kind(model: nn.Module, method_name: str) -> str:
         return "peft_lora"
     if not layers and method_name == "full_ft":
         return "transformers"
+    if layers and all(layer.mergeable for layer in layers):
+        return "transformers"  # merged into the base weights
     return "lightmods"
 
 
-def export_model(model: nn.Module, out: Path, run_config: dict, head_patterns: tuple[str, ...], method_name: str) -> Path:
+def export_model(
+    model: nn.Module, out: Path, run_config: dict, head_patterns: tuple[str, ...], method_name: str, plan=None
+) -> Path:
     """Write ``out`` (``export/``) for ``model``; returns the folder."""
     out.mkdir(parents=True, exist_ok=True)
-    kind = export_kind(model, method_name)
+    # A structurally pruned model has per-layer sizes no transformers config can state: lightmods format,
+    # with the pruning plan that rebuilds its shapes.
+    kind = "lightmods" if plan is not None else export_kind(model, method_name)
     if kind == "peft_lora":
         _export_peft(model, out, head_patterns)
     elif kind == "transformers":
-        model.save_pretrained(out)
+        has_adapters = next(adapter_layers(model), None) is not None
+        (strip_adapters(model, merge=True) if has_adapters else model).save_pretrained(out)
     else:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    (out / "lightmods.json").write_text(json.dumps({"kind": kind, "config": run_config}, indent=2, default=str) + "\n")
+    meta = {"kind": kind, "config": run_config, "plan": plan.to_dict() if plan is not None else None}
+    (out / "lightmods.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if plan is not None:
+        (out / "pruning_plan.json").write_text(json.dumps(plan.to_dict()) + "\n")
     return out
 
 
@@ -98,9 +115,11 @@ def load_export(path: str | Path) -> nn.Module:
     path = Path(path)
     meta = json.loads((path / "lightmods.json").read_text())
     if meta["kind"] == "transformers":
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(path).eval()
+        archs = AutoConfig.from_pretrained(path).architectures or []
+        auto = AutoModelForQuestionAnswering if any(a.endswith("ForQuestionAnswering") for a in archs) else AutoModelForSequenceClassification
+        return auto.from_pretrained(path).eval()
     if meta["kind"] == "peft_lora":
         return _load_peft_merged(path).eval()
     from lightmods.config import validate
@@ -111,7 +130,12 @@ def load_export(path: str | Path) -> nn.Module:
     rc = validate(OmegaConf.create(meta["config"]))
     task = get_task(rc.data.task)
     model = build_backbone(rc.model, task, build_tokenizer(rc.model))
-    model = build_method(rc.method).prepare(model, family_of(model))
+    method = build_method(rc.method)
+    model = method.prepare(model, family_of(model))
+    if meta.get("plan"):
+        from lightmods.structure import PruningPlan
+
+        model = method.restructure(model, PruningPlan.from_dict(meta["plan"]))
     model.load_state_dict(load_file(path / "model.safetensors"))
     return model.eval()
 

@@ -138,6 +138,21 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def structure_report(callbacks: list, module: TaskModule) -> dict:
+    """Figures of callbacks that changed the model (pruning), with the final accounting as ``*_after``."""
+    report: dict = {}
+    for cb in callbacks:
+        report.update(getattr(cb, "report", None) or {})
+    if module.plan is not None:
+        final = module.method_summary()
+        report["params_final"] = final["params_total"]
+        report["params_trainable_final"] = final["params_trainable"]
+        report["pruning_plan"] = "export/pruning_plan.json"
+    if "train_samples_per_s_before" in report:
+        report["train_samples_per_s_after"] = None  # filled by the caller from the meter
+    return report
+
+
 def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     if rc.seed is not None:
         L.seed_everything(rc.seed, workers=True)
@@ -160,7 +175,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             log.warning("data.doc_stride=%d lowered to %d with it", rc.data.doc_stride, positions // 4)
             rc.data.doc_stride = positions // 4
     dm = TextClassificationDataModule(task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path)
-    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain, eval_splits=task.eval_splits, data_cfg=rc.data)
+    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain, eval_splits=task.eval_splits, data_cfg=rc.data, method=method)
     meter = ThroughputMeter()
     callbacks = build_callbacks(rc.callbacks, files) + method.callbacks() + [meter]
     loggers = build_loggers(rc.logger, files, plain)
@@ -176,6 +191,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=rc.ckpt_path, weights_only=True)
     elif rc.ckpt_path:
         state = torch.load(rc.ckpt_path, map_location="cpu", weights_only=True)
+        module.on_load_checkpoint(state)
         module.load_state_dict(state["state_dict"])
 
     fit_metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -208,7 +224,9 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             ordered = [p for _, p in sorted(zip(positions, preds))]
         path = write_submission(task, split, dm.raw[split], ordered, files.dir / "predictions")
         log.info("%s predictions for submission: %s", split, path)
-    export_dir = export_model(model, files.dir / "export", plain, method.family.head_modules if method.family else (), rc.method.name)
+    export_dir = export_model(
+        module.model, files.dir / "export", plain, method.family.head_modules if method.family else (), rc.method.name, plan=module.plan
+    )
     log.info("exported the model to %s", export_dir)
     best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
@@ -218,6 +236,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         "model": rc.model.name_or_path or f"random:{rc.model.arch.get('model_type')}",
         "task": task.name,
         **accounting,
+        **structure_report(callbacks, module),
         "train_samples_per_s": round(meter.samples_per_s, 3) if meter.samples_per_s else None,
         "peak_memory_mb": round(peak_memory_mb(module.device), 1),
         "wall_s": round(time.perf_counter() - started, 3),
@@ -227,6 +246,8 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         "best_checkpoint": (best.best_model_path or None) if best else None,
         "last_checkpoint": (last.best_model_path or None) if last else None,
     }
+    if "train_samples_per_s_after" in summary:
+        summary["train_samples_per_s_after"] = summary["train_samples_per_s"]
     files.update_summary(summary)
     numeric = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for lg in loggers:

@@ -20,7 +20,7 @@ SUMMARY_KEYS = {"params_total", "params_trainable", "train_samples_per_s", "peak
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_llama"])
-@pytest.mark.parametrize("method", ["full_ft", "lora", "moslora", "adapter"])
+@pytest.mark.parametrize("method", ["full_ft", "lora", "moslora", "adapter", "loretta_rep", "loretta_adp"])
 def test_fast_dev_run_every_method(run_cfg, model, method):
     cfg = run_cfg(f"model={model}", f"method={method}", "trainer.fast_dev_run=2")
     metrics = train(cfg)

@@ -44,6 +44,13 @@ class ThroughputMeter(L.Callback):
     def on_validation_start(self, trainer, pl_module):
         self._last = None  # the next interval starts after validation
 
+    def split(self) -> float | None:
+        """Close the current phase (e.g. before pruning): returns its samples/s and starts a new one,
+        warm-up batches included."""
+        value = self.samples_per_s
+        self.samples, self.seconds, self.batches, self._last = 0, 0.0, 0, None
+        return round(value, 3) if value else None
+
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.seconds if self.seconds > 0 else None

@@ -63,6 +63,14 @@ class Method:
     def callbacks(self) -> list[L.Callback]:
         return []
 
+    def restructure(self, model: nn.Module, plan) -> nn.Module:
+        """Apply a pruning plan to a model this method prepared: gates go (survivors count as 1), the
+        structural core slices. Used mid-training, on resume and on export reload alike."""
+        from lightmods.structure import apply_plan, remove_gates
+
+        remove_gates(model)
+        return apply_plan(model, plan)
+
     def head_patterns(self) -> tuple[str, ...]:
         return self.family.head_modules if (self.family and self.config.train_head) else ()
 

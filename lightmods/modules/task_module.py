@@ -17,7 +17,7 @@ from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "structure_gates.")
 
 
 def _lr_lambda(scheduler: str, warmup: int, total: int):
@@ -57,9 +57,12 @@ class TaskModule(L.LightningModule):
         run_config: dict | None = None,
         eval_splits: dict[str, str] | None = None,
         data_cfg=None,
+        method=None,
     ):
         super().__init__()
         self.model = model
+        self.method = method
+        self.plan = None  # the PruningPlan applied to ``model`` so far, if any
         self.task = task
         self.lr = lr
         self.optim = optim
@@ -137,10 +140,19 @@ class TaskModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.optim.scheduler, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def method_summary(self) -> dict:
+        return self.method.summary(self.model) if self.method is not None else {}
+
+    def restructure(self, plan) -> None:
+        """Apply a pruning plan (indices of the original model) to the model; remembered for checkpoints."""
+        self.method.restructure(self.model, plan)
+        self.plan = plan
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # RNG states make a resumed run draw the same dropout masks as an uninterrupted one.
         checkpoint["lightmods"] = {
             "config": self.run_config,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": _numpy_state(),
@@ -149,6 +161,12 @@ class TaskModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint saved after pruning holds the smaller architecture: slice before its weights load.
+        plan = checkpoint.get("lightmods", {}).get("plan")
+        if plan and self.plan is None:
+            from lightmods.structure import PruningPlan
+
+            self.restructure(PruningPlan.from_dict(plan))
         # Applied at on_train_start, after the sanity check, whose data loader also draws from the RNG.
         self._resume_rng = checkpoint.get("lightmods", {}).get("rng")
 

@@ -13,18 +13,24 @@ from lightmods.peft.inject import (
 )
 from lightmods.peft.layer import AdapterLayer
 from lightmods.peft.lora import LoraLinear
+from lightmods.peft.loretta import LorettaAdapter, LorettaRepLinear
 from lightmods.peft.moslora import MoSLoraLinear
+from lightmods.peft.tensor_train import TTLinear, tt_shape
 
 __all__ = [
     "AdapterLayer",
     "BottleneckAdapter",
     "LoraLinear",
+    "LorettaAdapter",
+    "LorettaRepLinear",
     "MoSLoraLinear",
+    "TTLinear",
     "adapter_layers",
     "count_parameters",
     "inject_adapters",
     "mark_trainable",
     "match_module",
     "merge_adapters",
+    "tt_shape",
     "unmerge_adapters",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightmods.peft.layer import AdapterLayer
+from lightmods.peft.layer import AdapterLayer, select_linear
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -32,6 +32,19 @@ class BottleneckAdapter(AdapterLayer):
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         return base_out + self.adapter_up(self.adapter_act(self.adapter_down(base_out)))
+
+    def select_adapter_features(self, out_index, in_index) -> None:
+        # The adapter reads the base output: input columns of the base layer can go, output rows cannot.
+        if out_index is not None:
+            raise NotImplementedError("a bottleneck adapter's output (the hidden size) cannot be pruned")
+
+    def rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapter_down.weight, self.adapter_up.weight
+
+    def keep_ranks(self, index: torch.Tensor) -> None:
+        select_linear(self.adapter_down, out_index=index)
+        select_linear(self.adapter_up, in_index=index)
+        self.bottleneck_dim = len(index)
 
     def extra_repr(self) -> str:
         return f"bottleneck_dim={self.bottleneck_dim}"

@@ -8,6 +8,27 @@ import torch
 from torch import nn
 
 
+def derive_parameter(old: nn.Parameter, dim: int, index: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding ``old`` indexed along ``dim``; it remembers the original parameter and the
+    index steps from it, so optimizer state can follow structural surgery (see ``structure.surgery``)."""
+    new = nn.Parameter(old.detach().index_select(dim, index.to(old.device)).clone(), requires_grad=old.requires_grad)
+    root, steps = getattr(old, "_lm_origin", (old, ()))
+    new._lm_origin = (root, (*steps, (dim, index.cpu())))
+    return new
+
+
+def select_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None) -> None:
+    """Keep (or reorder) the output rows ``out_index`` and input columns ``in_index`` of ``linear`` in place."""
+    if out_index is not None:
+        linear.weight = derive_parameter(linear.weight, 0, out_index)
+        if linear.bias is not None:
+            linear.bias = derive_parameter(linear.bias, 0, out_index)
+        linear.out_features = len(out_index)
+    if in_index is not None:
+        linear.weight = derive_parameter(linear.weight, 1, in_index)
+        linear.in_features = len(in_index)
+
+
 class AdapterLayer(nn.Module):
     """A trainable addition to a base linear layer.
 
@@ -49,6 +70,25 @@ class AdapterLayer(nn.Module):
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def select_features(self, out_index: torch.Tensor | None = None, in_index: torch.Tensor | None = None) -> None:
+        """Structural surgery on the base layer (keep or reorder output rows / input columns), with the
+        adapter sliced to match so that the function on the kept features is unchanged."""
+        if self.merged:
+            raise RuntimeError("unmerge the adapter before structural surgery")
+        self.select_adapter_features(out_index, in_index)
+        select_linear(self.base_layer, out_index, in_index)
+
+    def select_adapter_features(self, out_index: torch.Tensor | None, in_index: torch.Tensor | None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot follow structural pruning of its base layer")
+
+    def rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down (``r x in``) and up (``out x r``) weights whose rows/columns are the adapter's ranks."""
+        raise NotImplementedError(f"{type(self).__name__} has no rank structure")
+
+    def keep_ranks(self, index: torch.Tensor) -> None:
+        """Keep only the ranks (bottleneck units) ``index``; the scaling is left as it was."""
+        raise NotImplementedError(f"{type(self).__name__} has no rank structure")
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as an additive change of the base weight (``out x in``); only when mergeable."""

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from lightmods.peft.layer import AdapterLayer
+from lightmods.peft.layer import AdapterLayer, select_linear
 
 
 class LoraLinear(AdapterLayer):
@@ -32,6 +32,18 @@ class LoraLinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def select_adapter_features(self, out_index, in_index) -> None:
+        select_linear(self.lora_B, out_index=out_index)
+        select_linear(self.lora_A, in_index=in_index)
+
+    def rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A.weight, self.lora_B.weight
+
+    def keep_ranks(self, index: torch.Tensor) -> None:
+        select_linear(self.lora_A, out_index=index)
+        select_linear(self.lora_B, in_index=index)
+        self.rank = len(index)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"

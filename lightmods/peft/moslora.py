@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from lightmods.peft.layer import select_linear
 from lightmods.peft.lora import LoraLinear
 
 MIXER_INITS = ("kaiming", "orthogonal")
@@ -31,3 +32,7 @@ class MoSLoraLinear(LoraLinear):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_mixer.weight @ self.lora_A.weight) * self.scaling
+
+    def keep_ranks(self, index: torch.Tensor) -> None:
+        select_linear(self.lora_mixer, out_index=index, in_index=index)
+        super().keep_ranks(index)

@@ -1,0 +1,189 @@
+"""Light-PEFT against its LoRA baseline: same backbone, data, steps, batch size and seed, in one run.
+
+    python experiments/bench/light_peft.py [--tasks glue/sst2,glue/rte] [--steps 600] [--estimate-steps 100]
+        [--model minilm] [--device cpu|gpu] [--precision 32-true|bf16-mixed] [--out experiments/bench/results/light_peft.md]
+
+Each training runs as its own ``python train.py`` process (so peak memory is per run). Training throughput
+is the run's own meter: the whole run for LoRA, the phase after pruning for Light-PEFT (its estimation phase
+is reported too). Inference throughput is measured afterwards in this process on both exported models,
+adapters merged, alternating rounds over the same dev batches. The ideal speed-up is the ratio of the
+block FLOPs per token (linear layers + attention scores) before and after pruning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from lightmods.export import load_export  # noqa: E402
+from lightmods.peft import merge_adapters  # noqa: E402
+from lightmods.structure import blocks  # noqa: E402
+
+
+def run(name: str, task: str, args, extra: list[str], out: Path) -> dict:
+    run_dir = out / f"{task.replace('/', '_')}-{name}"
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), f"model={args.model}", f"data={task}", f"seed={args.seed}",
+        f"trainer={args.device}", f"trainer.precision={args.precision}", f"trainer.max_steps={args.steps}", "trainer.max_epochs=1000",
+        "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+        f"data.batch_size={args.batch_size}", f"data.max_length={args.max_length}", "callbacks.progress_bar=false",
+        "callbacks.checkpoint.save_top_k=0", f"hydra.run.dir={run_dir}", *args.extra.split(), *extra,
+    ]  # fmt: skip
+    print("$", " ".join(cmd[1:]), flush=True)
+    started = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if r.returncode != 0:
+        sys.exit(f"{name} on {task} failed:\n{r.stderr[-4000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(f"  done in {time.perf_counter() - started:.0f}s: {metrics}", flush=True)
+    return {"dir": run_dir, "summary": summary, "metrics": metrics}
+
+
+def block_flops_per_token(model, seq_len: int) -> float:
+    """Multiply-adds x 2 per token in the transformer blocks: every linear layer plus QK^T and AV."""
+    total = 0.0
+    for b in blocks(model):
+        for m in b.module.modules():
+            if isinstance(m, torch.nn.Linear) and not any(k in type(m).__name__ for k in ("Lora",)):
+                total += 2 * m.in_features * m.out_features
+        total += 2 * 2 * seq_len * b.num_heads * b.head_dim
+    return total
+
+
+@torch.no_grad()
+def time_inference(models: dict, batches: list[dict], rounds: int, device) -> dict:
+    out = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            model(**batches[0])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for b in batches:
+                model(**b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out[name].append(sum(len(b["input_ids"]) for b in batches) / (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def dev_batches(run_dir: Path, n: int, device) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    from lightmods.config import validate
+    from lightmods.data import TextClassificationDataModule, get_task
+    from lightmods.models import build_tokenizer
+
+    rc = validate(OmegaConf.create(json.loads((run_dir / "export" / "lightmods.json").read_text())["config"]))
+    task = get_task(rc.data.task)
+    dm = TextClassificationDataModule(task, rc.data, build_tokenizer(rc.model), seed=0)
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    batches = []
+    for i, b in enumerate(loader):
+        if i >= n:
+            break
+        batches.append({k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    return batches
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default="glue/sst2,glue/rte")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--estimate-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--infer-batches", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--extra", default="", help="more overrides for both runs, e.g. 'model.init=random'")
+    p.add_argument("--out", default=str(ROOT / "experiments/bench/results/light_peft.md"))
+    p.add_argument("--work", default="/tmp/lightmods-bench-light-peft")
+    args = p.parse_args()
+    work = Path(args.work)
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    rows = []
+    for task in args.tasks.split(","):
+        base = run("lora", task, args, ["method=lora", f"method.lr={args.lr}"], work)
+        light = run("light_peft", task, args, ["method=light_peft", f"method.lr={args.lr}", f"method.estimate_steps={args.estimate_steps}"], work)
+        models = {}
+        for name, r in (("lora", base), ("light_peft", light)):
+            m = load_export(r["dir"] / "export").to(device).eval()
+            merge_adapters(m)
+            models[name] = m.to(torch.bfloat16) if "bf16" in args.precision else m
+        batches = dev_batches(light["dir"], args.infer_batches, device)
+        seq = statistics.mean(int(b["attention_mask"].shape[1]) for b in batches)
+        infer = time_inference(models, batches, args.rounds, device)
+        flops = {k: block_flops_per_token(m, int(seq)) for k, m in models.items()}
+        rows.append((task, base, light, infer, flops))
+    write_table(args, rows)
+
+
+def write_table(args, rows) -> None:
+    cmd = "python experiments/bench/light_peft.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    lines = [
+        "# Light-PEFT vs LoRA",
+        "",
+        f"Command: `{cmd.strip()}`",
+        "",
+        f"Backbone `{args.model}`, {args.steps} steps of batch {args.batch_size} (max length {args.max_length}), seed {args.seed}, "
+        f"{args.device} {args.precision}; Light-PEFT estimates for {args.estimate_steps} steps, then prunes at the paper's "
+        "defaults (1/3 of heads per layer and of FFN neurons globally, keep 25% of PEFT modules, half of their ranks). "
+        "LoRA baseline: rank 8 on query/value (the official vanilla baseline). Training samples/s: LoRA over its whole run, "
+        "Light-PEFT after pruning (before pruning in brackets). Inference: exported models, adapters merged, median of "
+        f"{args.rounds} alternating rounds over the same dev batches. Ideal = block FLOPs per token before / after.",
+        "",
+        "| task | method | dev acc | foundation params | trainable params | train samples/s | inference samples/s | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for task, base, light, infer, flops in rows:
+        bs, ls = base["summary"], light["summary"]
+        acc = lambda r: r["metrics"].get("val/accuracy", r["metrics"].get("val/score"))  # noqa: E731
+        lines.append(
+            f"| {task} | LoRA | {acc(base):.4f} | {bs['params_by_role']['backbone']['total']:,} | {bs['params_trainable']:,} | "
+            f"{bs['train_samples_per_s']:.1f} | {infer['lora']:.1f} | {bs['peak_memory_mb']:.0f} |"
+        )
+        lines.append(
+            f"| {task} | Light-PEFT | {acc(light):.4f} | {ls['params_foundation_after']:,} (from {ls['params_foundation_before']:,}) | "
+            f"{ls['params_trainable_after']:,} (from {ls['params_trainable_before']:,}) | {ls['train_samples_per_s_after']:.1f} "
+            f"({ls['train_samples_per_s_before']:.1f}) | {infer['light_peft']:.1f} | {ls['peak_memory_mb']:.0f} |"
+        )
+        train_x = ls["train_samples_per_s_after"] / bs["train_samples_per_s"]
+        infer_x = infer["light_peft"] / infer["lora"]
+        ideal = flops["lora"] / flops["light_peft"]
+        removed = 1 - ls["params_foundation_after"] / ls["params_foundation_before"]
+        notes.append(
+            f"- {task}: accuracy {100 * (acc(light) - acc(base)):+.2f} points; foundation parameters -{100 * removed:.1f}%; "
+            f"trainable {ls['params_trainable_after'] / bs['params_trainable']:.2f}x of LoRA's; training speed-up "
+            f"{train_x:.2f}x, inference {infer_x:.2f}x, ideal (FLOPs) {ideal:.2f}x: measured/ideal = "
+            f"{train_x / ideal:.2f} (training), {infer_x / ideal:.2f} (inference); heads kept per layer "
+            f"{ls['heads_kept_per_layer']}, neurons {ls['neurons_kept_per_layer']}."
+        )
+    lines += ["", *notes, ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Trainable scalar gates on attention units and FFN neurons (Light-PEFT's masks; mask-based pruning).
+
+A gate multiplies the input of the attention output projection per unit (the same as scaling that unit's
+attention probabilities, since the gate is a scalar per head) and the input of the FFN down projection per
+neuron (the post-activation intermediate output). Hooks, not modified modeling code, so any family with a
+block layout gets them and SDPA/flash attention keep working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightmods.structure.spec import Block, blocks
+
+GATES_ATTR = "structure_gates"
+
+
+class StructureGates(nn.Module):
+    """One gate vector per layer for attention units and one for FFN neurons, initialised to 1."""
+
+    def __init__(self, model_blocks: list[Block], heads: bool = True, neurons: bool = True):
+        super().__init__()
+        ref = model_blocks[0].linear(model_blocks[0].layout.key).weight
+        ones = lambda n: nn.Parameter(torch.ones(n, dtype=torch.float32, device=ref.device))  # noqa: E731
+        self.heads = nn.ParameterList([ones(b.num_units) for b in model_blocks]) if heads else None
+        self.neurons = nn.ParameterList([ones(b.num_neurons) for b in model_blocks]) if neurons else None
+        self._handles: list = []
+
+    def attach(self, model_blocks: list[Block]) -> None:
+        for i, block in enumerate(model_blocks):
+            if self.heads is not None:
+                hook = _unit_gate(self.heads, i, block.head_dim * block.group)
+                self._handles.append(block.linear(block.layout.attn_out).register_forward_pre_hook(hook))
+            if self.neurons is not None:
+                hook = _neuron_gate(self.neurons, i)
+                self._handles.append(block.linear(block.layout.ffn_out).register_forward_pre_hook(hook))
+
+    def detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def l1(self) -> torch.Tensor:
+        """Sum of absolute gate values over all layers (the official code's L1 term: a sum, not a mean)."""
+        terms = [p.abs().sum() for group in (self.heads, self.neurons) if group is not None for p in group]
+        return torch.stack(terms).sum()
+
+
+def _unit_gate(gates: nn.ParameterList, layer: int, width: int):
+    def hook(module, args):
+        (x, *rest) = args
+        g = gates[layer].to(x.dtype)
+        shaped = x.view(*x.shape[:-1], g.numel(), width) * g[:, None]
+        return (shaped.view_as(x), *rest)
+
+    return hook
+
+
+def _neuron_gate(gates: nn.ParameterList, layer: int):
+    def hook(module, args):
+        (x, *rest) = args
+        return (x * gates[layer].to(x.dtype), *rest)
+
+    return hook
+
+
+def add_gates(model: nn.Module, heads: bool = True, neurons: bool = True) -> StructureGates:
+    model_blocks = blocks(model)
+    gates = StructureGates(model_blocks, heads=heads, neurons=neurons)
+    gates.attach(model_blocks)
+    setattr(model, GATES_ATTR, gates)
+    return gates
+
+
+def get_gates(model: nn.Module) -> StructureGates | None:
+    return getattr(model, GATES_ATTR, None)
+
+
+def remove_gates(model: nn.Module) -> None:
+    """Drop the gates and their hooks (after pruning the survivors count as 1, as in the official code)."""
+    gates = get_gates(model)
+    if gates is not None:
+        gates.detach_hooks()
+        delattr(model, GATES_ATTR)

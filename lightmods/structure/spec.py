@@ -1,0 +1,116 @@
+"""Architecture specs: where attention heads and FFN neurons live in each supported model family.
+
+Every structural method (Light-PEFT, S2FT, COST-EFF, TransAct, ...) reads blocks through this one spec, so
+adding a family here makes all of them work on it.
+
+Attention is addressed in *units*: one key/value head together with the query heads that share it
+(``num_heads / num_kv_heads`` of them). For multi-head attention a unit is one head; for grouped-query
+attention (LLaMA-style decoders) pruning or permuting at unit granularity keeps the grouping valid.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightmods.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Module names inside one transformer block, per family."""
+
+    block_pattern: str  # regex on full module names; group 1 is the layer index
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    ffn_in: tuple[str, ...]  # projections whose output rows are FFN neurons (up, and gate for GLU)
+    ffn_out: str  # projection whose input columns are FFN neurons
+
+
+ENCODER_LAYOUT = BlockLayout(
+    block_pattern=r"^(?:.*\.)?encoder\.layer\.(\d+)$",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    attn_out="attention.output.dense",
+    ffn_in=("intermediate.dense",),
+    ffn_out="output.dense",
+)
+
+DECODER_LAYOUT = BlockLayout(
+    block_pattern=r"^(?:.*\.)?layers\.(\d+)$",
+    query="self_attn.q_proj",
+    key="self_attn.k_proj",
+    value="self_attn.v_proj",
+    attn_out="self_attn.o_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    ffn_out="mlp.down_proj",
+)
+
+LAYOUTS = {"bert": ENCODER_LAYOUT, "roberta": ENCODER_LAYOUT, "llama": DECODER_LAYOUT}
+
+
+@dataclass
+class Block:
+    """One transformer block of a live model: its index, module and the attention geometry."""
+
+    index: int
+    name: str
+    module: nn.Module
+    layout: BlockLayout
+    head_dim: int
+    group: int  # query heads per key/value head
+
+    def linear(self, rel: str) -> nn.Module:
+        return self.module.get_submodule(rel)
+
+    @property
+    def num_units(self) -> int:
+        """Attention units (key/value heads) this block has now."""
+        return self.linear(self.layout.key).out_features // self.head_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_units * self.group
+
+    @property
+    def num_neurons(self) -> int:
+        return self.linear(self.layout.ffn_out).in_features
+
+    def full_name(self, rel: str) -> str:
+        return f"{self.name}.{rel}"
+
+
+def layout_of(model: nn.Module) -> BlockLayout:
+    from lightmods.models.families import family_of
+
+    family = family_of(model)
+    if family.name not in LAYOUTS:
+        raise ConfigError(
+            f"model family {family.name!r} has no block layout for structural methods; accepted: {', '.join(sorted(LAYOUTS))}"
+        )
+    return LAYOUTS[family.name]
+
+
+def blocks(model: nn.Module) -> list[Block]:
+    """The transformer blocks of ``model`` in layer order."""
+    layout = layout_of(model)
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    pattern = re.compile(layout.block_pattern)
+    found = []
+    for name, module in model.named_modules():
+        m = pattern.match(name)
+        if m:
+            found.append(Block(int(m.group(1)), name, module, layout, head_dim, heads // kv_heads))
+    if not found:
+        raise ConfigError(
+            f"no transformer blocks matching {layout.block_pattern!r} in a {config.model_type} model"
+        )
+    return sorted(found, key=lambda b: b.index)
