@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from lightmods.data.metrics import build_metrics, eval_task
+from lightmods.data.metrics import eval_task, split_metrics
 from lightmods.data.tasks import TaskSpec
 
 
@@ -30,13 +30,15 @@ def predict(module, dataloader: DataLoader, task: TaskSpec, metrics=None) -> tup
     return positions, preds
 
 
-def evaluate(module, dm, split: str, prefix: str = "val/", suffix: str = ""):
+def evaluate(module, dm, split: str, prefix: str = "val/", suffix: str = "", extra=None, task_metrics: bool = True):
     """``({"<prefix><metric><suffix>": value}, predictions)`` for one labelled split: prediction rows for
-    classification, the official ``{id: answer}`` mapping for QA."""
+    classification, the official ``{id: answer}`` mapping for QA. ``extra`` / ``task_metrics``: as in
+    :func:`lightmods.data.metrics.split_metrics` (backdoor CACC and ASR)."""
     task, rows = dm.task, dm.raw[split]
     if task.base and not split.startswith("test"):
         task = eval_task(task)
-    metrics = build_metrics(task, dm.cfg, prefix=prefix, suffix=suffix, sync=False).to(module.device)
+    metrics = split_metrics(task, split, dm.cfg, prefix=prefix, suffix=suffix, sync=False, extra=extra, task_metrics=task_metrics)
+    metrics = metrics.to(module.device)
     if hasattr(metrics, "bind"):
         metrics.bind(rows, dm.datasets[split].features)
     positions, preds = predict(module, dm.eval_dataloader(split), task, metrics)

@@ -68,7 +68,8 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     # A structurally pruned model has per-layer sizes no transformers config can state: lightmods format,
     # with the pruning plan that rebuilds its shapes.
-    kind = "lightmods" if plan is not None else export_kind(model, method_name)
+    # Exit heads (``exits``, COST-EFF) are modules no transformers class has: lightmods format too.
+    kind = "lightmods" if plan is not None or hasattr(model, "exit_heads") else export_kind(model, method_name)
     if kind == "peft_lora":
         _export_peft(model, out, head_patterns)
     elif kind == "transformers":
@@ -110,8 +111,6 @@ def _export_peft(model: nn.Module, out: Path, head_patterns: tuple[str, ...]) ->
 
 def load_export(path: str | Path) -> nn.Module:
     """The exported model, ready for inference, whatever its kind (PEFT adapters come back merged)."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     meta = json.loads((path / "lightmods.json").read_text())
     if meta["kind"] == "transformers":
@@ -122,22 +121,46 @@ def load_export(path: str | Path) -> nn.Module:
         return auto.from_pretrained(path).eval()
     if meta["kind"] == "peft_lora":
         return _load_peft_merged(path).eval()
+    model = rebuild_model(meta["config"], meta.get("plan"))
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return model.eval()
+
+
+def rebuild_model(run_config: dict, plan: dict | None = None) -> nn.Module:
+    """The model a run trained, as its config builds it (backbone, method, pruning plan), weights not loaded."""
+    from omegaconf import OmegaConf
+
     from lightmods.config import validate
     from lightmods.data.tasks import get_task
     from lightmods.methods import build_method
     from lightmods.models import build_backbone, build_tokenizer, family_of
 
-    rc = validate(OmegaConf.create(meta["config"]))
+    rc = validate(OmegaConf.create(run_config))
     task = get_task(rc.data.task)
     model = build_backbone(rc.model, task, build_tokenizer(rc.model))
     method = build_method(rc.method)
     model = method.prepare(model, family_of(model))
-    if meta.get("plan"):
-        from lightmods.structure import PruningPlan
+    from lightmods.exits.training import attach_from_config
 
-        model = method.restructure(model, PruningPlan.from_dict(meta["plan"]))
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    return model.eval()
+    attach_from_config(model, rc.exits, task, method)
+    if plan:
+        from lightmods.structure import PruningPlan
+        from lightmods.structure.surgery import forget_origins
+
+        model = method.restructure(model, PruningPlan.from_dict(plan))
+        forget_origins(model)  # no optimizer state to carry; do not keep the unsliced tensors alive
+    return model
+
+
+def load_checkpoint_model(path: str | Path) -> nn.Module:
+    """The model of a training checkpoint (``last.ckpt``, best), pruned as it was, trainable flags as in
+    training, loaded with ``weights_only=True``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt.get("lightmods", {})
+    model = rebuild_model(meta["config"], meta.get("plan"))
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model
 
 
 def _load_peft_merged(path: Path) -> nn.Module:

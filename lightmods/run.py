@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightmods.attacks.suite import BackdoorSuite
 from lightmods.callbacks.meters import ThroughputMeter, peak_memory_mb
 from lightmods.config.schema import CallbacksConfig, LoggerConfig, RunConfig, TrainerConfig
 from lightmods.config.store import validate
@@ -21,6 +22,8 @@ from lightmods.data.metrics import with_score
 from lightmods.data.submission import write_submission
 from lightmods.data.tasks import get_task
 from lightmods.evaluate import evaluate, predict
+from lightmods.exits.training import attach_from_config as attach_exits_from_config
+from lightmods.exits.training import exit_parts
 from lightmods.export import export_model
 from lightmods.methods import build_method
 from lightmods.models import build_backbone, build_tokenizer, family_of, model_max_positions
@@ -161,11 +164,18 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     model = build_backbone(rc.model, task, tokenizer)
     method = build_method(rc.method)
     model = method.prepare(model, family_of(model))
+    attach_exits_from_config(model, rc.exits, task, method)  # exits=all, or a method that needs them
+    exit_terms, exit_callbacks = exit_parts(rc.exits, task, method)
     accounting = method.summary(model)
     log.info(
         "method=%s: %s of %s parameters trainable (%.3f%%)",
         rc.method.name, f"{accounting['params_trainable']:,}", f"{accounting['params_total']:,}", accounting["params_trainable_pct"],
     )  # fmt: skip
+    for role, n in accounting["params_by_role"].items():
+        log.info("  %-8s %14s total %14s trainable", role, f"{n['total']:,}", f"{n['trainable']:,}")
+    for key, value in accounting.items():
+        if key not in ("params_total", "params_trainable", "params_trainable_pct", "params_by_role"):
+            log.info("  %s: %s", key, value)
 
     positions = model_max_positions(model)
     if positions and rc.data.max_length > positions:
@@ -174,10 +184,18 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         if rc.data.doc_stride > positions // 4:
             log.warning("data.doc_stride=%d lowered to %d with it", rc.data.doc_stride, positions // 4)
             rc.data.doc_stride = positions // 4
-    dm = TextClassificationDataModule(task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path)
-    module = TaskModule(model, task, rc.method.lr, rc.optim, method.loss_terms(), run_config=plain, eval_splits=task.eval_splits, data_cfg=rc.data, method=method)
+    backdoor = BackdoorSuite(rc.attack, rc.defense, task, seed=rc.seed or 0)
+    dm = TextClassificationDataModule(
+        task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path, attack=backdoor.poisoner
+    )
+    module = TaskModule(
+        model, task, rc.method.lr, rc.optim, method.loss_terms() + backdoor.loss_terms(), run_config=plain,
+        eval_splits={**task.eval_splits, **backdoor.eval_splits}, data_cfg=rc.data, method=method,
+        extra_metrics=backdoor.metrics, training_rule=backdoor.training_rule(),
+    )  # fmt: skip
+    module.loss_terms.extend(exit_terms)
     meter = ThroughputMeter()
-    callbacks = build_callbacks(rc.callbacks, files) + method.callbacks() + [meter]
+    callbacks = build_callbacks(rc.callbacks, files) + method.callbacks() + exit_callbacks + [meter]
     loggers = build_loggers(rc.logger, files, plain)
     trainer = L.Trainer(
         **trainer_kwargs(rc.trainer),
@@ -187,8 +205,11 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         enable_checkpointing=rc.callbacks.checkpoint is not None,
         enable_progress_bar=rc.callbacks.progress_bar,
     )
+    stage_metrics: dict[str, float] = {}
     if rc.train:
         trainer.fit(module, datamodule=dm, ckpt_path=rc.ckpt_path, weights_only=True)
+        if backdoor.two_stage:  # the user's clean fine-tuning after the attacker's injection
+            stage_metrics = backdoor.clean_tune(module, dm, rc, files)
     elif rc.ckpt_path:
         state = torch.load(rc.ckpt_path, map_location="cpu", weights_only=True)
         module.on_load_checkpoint(state)
@@ -201,8 +222,8 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
 
     dm.setup("validate")
     metrics: dict[str, float] = {}
-    for split, suffix in task.eval_splits.items():
-        values, predictions = evaluate(module, dm, split, suffix=suffix)
+    for split, suffix in module.eval_splits.items():  # the task's splits, then the poisoned one under an attack
+        values, predictions = evaluate(module, dm, split, suffix=suffix, extra=backdoor.metrics, task_metrics=split in task.eval_splits)
         metrics.update(values)
         if task.head == "qa":
             files.write_json(f"predictions/{split}.json", predictions)  # the official {id: answer} file
@@ -213,7 +234,11 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             values, predictions = evaluate(module, dm, split, prefix="test/")
             metrics.update(with_score(values, task, prefix="test/"))
             files.write_predictions(split, predictions)
-    metrics = {k: round(v, 6) for k, v in with_score(metrics, task).items()}
+    metrics = {k: round(v, 6) for k, v in {**with_score(metrics, task), **stage_metrics}.items()}
+    backdoor.after_evaluation(metrics)
+    for cb in callbacks:  # callbacks with final figures of their own (the early-exit sweep): metrics + report
+        if hasattr(cb, "final_evaluation"):
+            metrics.update(cb.final_evaluation(module, dm, files))
     files.write_json("metrics.json", metrics)
     for split in dm.test_splits:
         if task.builder == "record":  # the best candidate entity per query
@@ -237,6 +262,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         "task": task.name,
         **accounting,
         **structure_report(callbacks, module),
+        **backdoor.summary(),
         "train_samples_per_s": round(meter.samples_per_s, 3) if meter.samples_per_s else None,
         "peak_memory_mb": round(peak_memory_mb(module.device), 1),
         "wall_s": round(time.perf_counter() - started, 3),

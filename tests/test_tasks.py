@@ -30,6 +30,8 @@ DATA_DIRS = {
     "superglue/wsc": SHARED / "data/superglue/WSC", "superglue/record": FIXTURES / "superglue/ReCoRD",
     "qa/squad": FIXTURES / "squad", "qa/squad_v2": None,  # the shared dev set + a fixture train file, see below
     "glue/ax": None, "superglue/axb": None, "superglue/axg": None,  # base task files + a diagnostic fixture
+    "backdoor/sst2": SHARED / "data/backdoor/clean/sst-2", "backdoor/olid": SHARED / "data/backdoor/clean/offenseval",
+    "backdoor/hatespeech": SHARED / "data/backdoor/clean/hate-speech",
 }  # fmt: skip
 DIAGNOSTICS = {
     "glue/ax": (FIXTURES / "glue/MNLI", FIXTURES / "glue/AX/AX.tsv"),
@@ -73,8 +75,8 @@ def test_every_task_trains_and_evaluates_from_local_files(task, run_cfg, tmp_pat
     assert set(headline) | {"val/score"} <= set(metrics)
     if task == "qa/squad_v2":
         assert {"val/HasAns_exact", "val/NoAns_f1"} <= set(metrics)
-    elif not spec.base:
-        assert set(metrics) == set(headline) | {"val/score"}
+    elif not spec.base:  # backdoor sets also report their clean accuracy (lightmods.attacks)
+        assert set(metrics) == set(headline) | {"val/score"} | ({"val/cacc"} if spec.benchmark == "backdoor" else set())
     assert metrics["val/score"] == pytest.approx(sum(metrics[k] for k in headline) / len(headline), abs=1e-5)
     out = Path(cfg.paths.output_dir)
     for split in spec.eval_splits:

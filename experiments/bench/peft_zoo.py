@@ -1,7 +1,7 @@
 """PEFT zoo on MiniLM + SST-2: every method with the same steps, seed and batch, plus a focused measurement of
 S2FT's training memory and step time against full fine-tuning and LoRA.
 
-    python experiments/bench/peft_zoo.py [--steps 200] [--train-samples 4000] [--methods full_ft,lora,...]
+    python experiments/bench/peft_zoo.py [--steps 120] [--train-samples 4000] [--methods full_ft,lora,...]
         [--device cpu|cuda] [--bf16] [--threads N] [--skip-zoo] [--skip-focus] [--out experiments/bench/results/peft_zoo.md]
 
 Part 1 (zoo): each method runs ``python train.py model=minilm data=glue/sst2`` in its own process (so the
@@ -16,8 +16,8 @@ Methods that are not registered are skipped with a message.
 Part 2 (focus): in one process, MiniLM with full fine-tuning, LoRA (r=8, query/value), S2FT and S2FT without
 its partial back-propagation, on one fixed batch (``--focus-batch`` x ``--focus-seq`` random tokens, AdamW):
 
-- step time: median over ``--focus-steps`` timed steps (forward, backward, optimizer step) after 3 warm-up
-  steps, on an otherwise identical model;
+- step time: median over ``--focus-rounds`` rounds of ``--focus-steps`` steps (forward, backward, optimizer
+  step) after 3 warm-up steps; the rounds alternate the methods so that machine noise hits all of them;
 - saved activations: bytes of the distinct storages autograd keeps for backward during one forward, caught
   with ``torch.autograd.graph.saved_tensors_hooks`` (parameter storages excluded; a saved view counts its
   whole storage, since that is what it keeps alive) -- the activation memory of training, on any device;
@@ -199,97 +199,109 @@ def saved_activation_bytes(fn, exclude: set[int]) -> int:
     return out, sum(storages.values())
 
 
-def measure(net, lr: float, batch, args, device: torch.device) -> dict:
-    """Step time and training memory of ``net`` on one fixed batch (see the module docstring)."""
-    ids, mask, labels = batch
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    own = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+class Trial:
+    """One method's model, optimizer and fixed batch: timed steps and one memory measurement."""
 
-    def forward():
-        with autocast:
-            logits = net(input_ids=ids, attention_mask=mask).logits
+    def __init__(self, net, lr: float, batch, args, device: torch.device):
+        self.net, self.batch, self.device = net, batch, device
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+        self.times: list[float] = []
+
+    def forward(self) -> torch.Tensor:
+        ids, mask, labels = self.batch
+        with self.autocast:
+            logits = self.net(input_ids=ids, attention_mask=mask).logits
         return torch.nn.functional.cross_entropy(logits.float(), labels)
 
-    def step():
-        forward().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(self) -> None:
+        self.forward().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-    for _ in range(WARMUP):
-        step()
-    times = []
-    for _ in range(args.focus_steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    loss, act = saved_activation_bytes(forward, own)
-    loss.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    opt.step()
-    tensors = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    state = sum(v.numel() * v.element_size() for v in tensors)
-    opt.zero_grad(set_to_none=True)
-    weights = sum(p.numel() * p.element_size() for p in net.parameters())
-    cuda_peak = None
-    if device.type == "cuda":
-        sync()
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync()
-        cuda_peak = torch.cuda.max_memory_allocated(device) / MB
-    return {
-        "trainable": sum(p.numel() for p in params), "ms": 1000 * statistics.median(times),
-        "act": act / MB, "grads": grads / MB, "state": state / MB, "weights": weights / MB,
-        "total": (weights + grads + state + act) / MB, "cuda_peak": cuda_peak,
-    }  # fmt: skip
+    def timed_steps(self, n: int) -> None:
+        for _ in range(n):
+            self.sync()
+            t0 = time.perf_counter()
+            self.step()
+            self.sync()
+            self.times.append(time.perf_counter() - t0)
+
+    def memory(self) -> dict:
+        own = {t.untyped_storage().data_ptr() for t in [*self.net.parameters(), *self.net.buffers()]}
+        loss, act = saved_activation_bytes(self.forward, own)
+        loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        self.opt.step()
+        tensors = [
+            v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+        ]
+        state = sum(v.numel() * v.element_size() for v in tensors)
+        self.opt.zero_grad(set_to_none=True)
+        weights = sum(p.numel() * p.element_size() for p in self.net.parameters())
+        cuda_peak = None
+        if self.device.type == "cuda":
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step()
+            self.sync()
+            cuda_peak = torch.cuda.max_memory_allocated(self.device) / MB
+        return {
+            "trainable": sum(p.numel() for p in self.params), "act": act / MB, "grads": grads / MB,
+            "state": state / MB, "weights": weights / MB, "total": (weights + grads + state + act) / MB,
+            "cuda_peak": cuda_peak,
+        }  # fmt: skip
 
 
 def focus(args) -> list[str]:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 29000, (args.focus_batch, args.focus_seq), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, 2, (args.focus_batch,), generator=gen).to(device)
-    rows = []
+    batch = (ids, torch.ones_like(ids), torch.randint(0, 2, (args.focus_batch,), generator=gen).to(device))
+    trials: dict[str, Trial] = {}
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, method, overrides in FOCUS:
             net, _, lr = build(method, overrides, Path(tmp))
-            rows.append(
-                {"label": label, **measure(net.to(device).train(), lr, (ids, mask, labels), args, device)}
-            )
-            r = rows[-1]
+            trials[label] = trial = Trial(net.to(device).train(), lr, batch, args, device)
+            for _ in range(WARMUP):
+                trial.step()
+            rows[label] = trial.memory()
             print(
-                f"{label}: {r['ms']:.1f} ms/step, activations {r['act']:.1f} MB, total {r['total']:.1f} MB",
+                f"{label}: saved activations {rows[label]['act']:.1f} MB, total {rows[label]['total']:.1f} MB",
                 flush=True,
             )
-            del net
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    full = rows[0]
+    for r in range(args.focus_rounds):  # rounds alternate the methods so that machine noise hits all of them
+        for trial in trials.values():
+            trial.timed_steps(args.focus_steps)
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{k} {1000 * statistics.median(t.times):.0f} ms" for k, t in trials.items()),
+            flush=True,
+        )
+    for label, trial in trials.items():
+        rows[label]["ms"] = 1000 * statistics.median(trial.times)
+    full = rows["full_ft"]
     cuda = args.device == "cuda"
     lines = [
-        f"One fixed batch of {args.focus_batch} x {args.focus_seq} tokens, AdamW, {args.focus_steps} timed steps after "
-        f"{WARMUP} warm-up, {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}"
+        f"One fixed batch of {args.focus_batch} x {args.focus_seq} random tokens, AdamW; step time = median of "
+        f"{args.focus_rounds} alternating rounds x {args.focus_steps} steps (forward, backward, optimizer step) after "
+        f"{WARMUP} warm-up steps; {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}"
         + (f", {torch.get_num_threads()} threads" if not cuda else "")
-        + ". Memory in MiB; x = relative to full fine-tuning.",
+        + ". Memory in MiB, measured tensors (see the script's docstring); x = relative to full fine-tuning.",
         "",
         "| method | trainable params | ms/step (median) | speed-up | saved activations | gradients | AdamW state | weights | "
-        "training state total | x less memory"
-        + (" | CUDA peak allocated | x less (CUDA)" if cuda else "")
-        + " |",
+        "training state total | x less memory" + (" | CUDA peak allocated | x less (CUDA)" if cuda else "") + " |",
         "|---|---|---|---|---|---|---|---|---|---" + ("|---|---" if cuda else "") + "|",
-    ]
-    for r in rows:
+    ]  # fmt: skip
+    for label, r in rows.items():
         line = (
-            f"| {r['label']} | {r['trainable']:,} | {r['ms']:.1f} | {full['ms'] / r['ms']:.2f}x | {r['act']:.1f} | "
+            f"| {label} | {r['trainable']:,} | {r['ms']:.1f} | {full['ms'] / r['ms']:.2f}x | {r['act']:.1f} | "
             f"{r['grads']:.1f} | {r['state']:.1f} | {r['weights']:.1f} | {r['total']:.1f} | {full['total'] / r['total']:.2f}x"
         )
         if cuda:
@@ -301,7 +313,7 @@ def focus(args) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method names")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per method in the zoo")
+    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per method in the zoo")
     ap.add_argument("--train-samples", type=int, default=4000, help="first N SST-2 training sentences")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=42)
@@ -310,7 +322,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--focus-batch", type=int, default=32)
     ap.add_argument("--focus-seq", type=int, default=128)
-    ap.add_argument("--focus-steps", type=int, default=10)
+    ap.add_argument("--focus-steps", type=int, default=5, help="timed steps per method and round")
+    ap.add_argument("--focus-rounds", type=int, default=3)
     ap.add_argument("--skip-zoo", action="store_true")
     ap.add_argument("--skip-focus", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "experiments/bench/results/peft_zoo.md"))

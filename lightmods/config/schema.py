@@ -13,8 +13,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from lightmods.attacks.config import AttackConfig, DefenseConfig, check_backdoor
 from lightmods.config import checks
 from lightmods.errors import config_error
+from lightmods.exits.config import ExitsConfig
 
 PRECISIONS = (
     "64-true", "64", 64, "32-true", "32", 32, "16-mixed", "16", 16, "16-true",
@@ -256,9 +258,16 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    exits: ExitsConfig = field(default_factory=ExitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "train"
     seed: int | None = 42
     ckpt_path: str | None = None
     train: bool = True
     print_config: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.data, DataConfig) and isinstance(self.attack, AttackConfig):  # checks across groups
+            check_backdoor(self.attack, self.defense, self.data.task, self.trainer.precision)

@@ -23,7 +23,7 @@ from lightmods.errors import DataError, config_error
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when builders change what they produce
-EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions", "candidate")
+EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions", "candidate", "poisoned")
 
 
 class EncodedDataset(Dataset):
@@ -86,18 +86,26 @@ class Collator:
             model_rows = [{k: r[k][c] for k in r} for r in model_rows for c in range(len(r["input_ids"]))]
         batch = dict(self.pad(model_rows))
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float if self.regression else torch.long)
-        for key in ("idx", "group"):
+        for key in ("idx", "group", "poisoned"):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
         return batch
 
 
 class TextClassificationDataModule(L.LightningDataModule):
-    """Splits: ``train``, the task's evaluation splits, and any test splits the source has."""
+    """Splits: ``train``, the task's evaluation splits, and any test splits the source has.
 
-    def __init__(self, task: TaskSpec, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, tokenizer_id: str = ""):
+    With an ``attack`` (a :class:`lightmods.attacks.poison.Poisoner`), the training rows are poisoned after
+    ``max_train_samples`` cuts them (each row flagged ``poisoned`` in the batches), and the poisoned evaluation
+    split is added after the task's own; both are cached under a key that includes their content.
+    """
+
+    def __init__(self, task: TaskSpec, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, tokenizer_id: str = "",
+                 attack=None):  # fmt: skip
         super().__init__()
         self.task, self.cfg, self.tokenizer, self.seed = task, cfg, tokenizer, seed
+        self.attack = attack
+        self.clean_train_rows: list[dict] | None = None
         self.tokenizer_id = tokenizer_id or getattr(tokenizer, "name_or_path", "")
         self.raw: dict[str, list[dict]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
@@ -106,7 +114,13 @@ class TextClassificationDataModule(L.LightningDataModule):
     # ------------------------------------------------------------ loading
     @property
     def eval_splits(self) -> list[str]:
-        return list(self.task.eval_splits)
+        return list(self.task.eval_splits) + ([self.attack_split] if self.attack is not None else [])
+
+    @property
+    def attack_split(self) -> str:
+        from lightmods.attacks.poison import POISONED_SPLIT
+
+        return POISONED_SPLIT
 
     @property
     def test_splits(self) -> list[str]:
@@ -169,18 +183,20 @@ class TextClassificationDataModule(L.LightningDataModule):
                     f"({', '.join(self.task.label_names)})"
                 )
 
-    def _cache_path(self, split: str, n_rows: int) -> Path:
+    def _cache_path(self, split: str, n_rows: int, content: str | None = None) -> Path:
         key = {
             "v": CACHE_VERSION, "task": self.task.name, "split": split, "source": self._source_key(split),
             "tokenizer": [self.tokenizer_id, type(self.tokenizer).__name__, len(self.tokenizer)],
             "max_length": self.cfg.max_length, "rows": n_rows,
         }  # fmt: skip
+        if content is not None:  # rows changed after loading (poisoned): keyed on what they hold
+            key["content"] = content
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         root = Path(self.cfg.cache_dir).expanduser() if self.cfg.cache_dir else Path.home() / ".cache" / "lightmods"
         return root / "tokenized" / f"{self.task.name.replace('/', '_')}-{split}-{digest}.pt"
 
-    def _encode(self, split: str, rows: list[dict]) -> EncodedDataset:
-        path = self._cache_path(split, len(rows)) if self.cfg.cache else None
+    def _encode(self, split: str, rows: list[dict], content: str | None = None) -> EncodedDataset:
+        path = self._cache_path(split, len(rows), content) if self.cfg.cache else None
         if path is not None and path.exists():
             log.info("%s/%s: tokenised features from cache %s", self.task.name, split, path)
             return EncodedDataset(torch.load(path, weights_only=True))
@@ -212,7 +228,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        splits = ["train", *self.eval_splits, *(s for s in self.task.local_files if s.startswith("test"))]
+        splits = ["train", *self.task.eval_splits, *(s for s in self.task.local_files if s.startswith("test"))]
         if self.cfg.source == "hub":
             splits += [s for s in self.task.hub_splits if s.startswith("test") and s not in splits]
         limits = {"train": self.cfg.max_train_samples}
@@ -224,9 +240,34 @@ class TextClassificationDataModule(L.LightningDataModule):
             if limit:
                 rows = rows[:limit]
             self._check_rows(split, rows)
+            if self.attack is not None and split == "train":
+                self.clean_train_rows = rows
+                self._add_poisoned(split, self.attack.poison_train(rows))
+                continue
             self.raw[split] = rows
             self.datasets[split] = self._encode(split, rows)
             log.info("%s/%s: %d rows, %d features", self.task.name, split, len(rows), len(self.datasets[split]))
+        if self.attack is not None:
+            clean = self.raw[next(iter(self.task.eval_splits))]
+            self._add_poisoned(self.attack_split, self.attack.eval_rows(clean, self.cfg.max_eval_samples))
+
+    def _add_poisoned(self, split: str, rows: list[dict]) -> None:
+        """A split the attack made: content-keyed in the cache, rows flagged ``poisoned`` in the batches."""
+        from lightmods.attacks.poison import rows_digest
+
+        self._check_rows(split, rows)
+        self.raw[split] = rows
+        self.datasets[split] = self._encode(split, rows, content=rows_digest(rows, self.task.text_fields))
+        self.datasets[split].features["poisoned"] = [int(bool(r.get("poisoned"))) for r in rows]
+        log.info("%s/%s: %d rows (%d poisoned), %d features", self.task.name, split, len(rows),
+                 sum(self.datasets[split].features["poisoned"]), len(self.datasets[split]))  # fmt: skip
+
+    def use_clean_train(self) -> None:
+        """Train on the training rows as they were before poisoning (the user's clean fine-tuning stage)."""
+        if self.clean_train_rows is None:
+            raise RuntimeError("use_clean_train() needs an attack and setup() first")
+        self.raw["train"] = self.clean_train_rows
+        self.datasets["train"] = self._encode("train", self.clean_train_rows)
 
     # ------------------------------------------------------------ loaders
     def _generator(self) -> torch.Generator:

@@ -172,3 +172,49 @@ def build_metrics(task: TaskSpec, data_cfg=None, prefix: str = "val/", suffix: s
         kw = {"max_length": data_cfg.max_length, "n_best": data_cfg.n_best, "max_answer_length": data_cfg.max_answer_length,
               "null_threshold": data_cfg.null_score_diff_threshold}  # fmt: skip
     return SquadMetrics(task, prefix=prefix, suffix=suffix, sync=sync, **kw)
+
+
+class MetricGroup(nn.Module):
+    """Several metric objects scored on one split (the task's metrics plus, e.g., backdoor CACC): one update,
+    their results merged. ``suffix`` names the split's loss (``val/loss<suffix>``)."""
+
+    def __init__(self, parts: list, suffix: str = ""):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.suffix = suffix
+
+    def bind(self, rows: list[dict], features: dict):
+        for p in self.parts:
+            if hasattr(p, "bind"):
+                p.bind(rows, features)
+        return self
+
+    def update_batch(self, logits: torch.Tensor, batch: dict) -> None:
+        for p in self.parts:
+            p.update_batch(logits, batch)
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for p in self.parts:
+            out.update(p.compute())
+        return out
+
+    def reset(self) -> None:
+        for p in self.parts:
+            p.reset()
+
+    @property
+    def last_predictions(self) -> dict:
+        return next((p.last_predictions for p in self.parts if hasattr(p, "last_predictions")), {})
+
+
+def split_metrics(task: TaskSpec, split: str, data_cfg=None, prefix: str = "val/", suffix: str = "", sync: bool = True,
+                  extra=None, task_metrics: bool = True):  # fmt: skip
+    """The metric object of one evaluated split: the task's metrics (unless ``task_metrics=False``) plus what
+    ``extra(split, prefix, suffix, sync)`` adds for that split (a list of metric objects)."""
+    parts = [build_metrics(task, data_cfg, prefix=prefix, suffix=suffix, sync=sync)] if task_metrics else []
+    if extra is not None:
+        parts += list(extra(split, prefix, suffix, sync))
+    if len(parts) == 1 and task_metrics:
+        return parts[0]
+    return MetricGroup(parts, suffix)

@@ -83,6 +83,36 @@ def read_glue_tsv(path: Path, task: TaskSpec, split: str) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- StyleAttack tsv (backdoor sets)
+
+
+def read_backdoor_tsv(path: Path, task: TaskSpec, split: str = "") -> list[dict]:
+    """The backdoor sets' tsv (thunlp/StyleAttack): ``text \\t label`` per line, quoting off; a header line
+    (``sentence\\tlabel``, or ``sentences \\t labels`` with spaces in the poisoned files) or none (OffensEval);
+    CRLF or LF endings; the text and label are stripped of the padding the poisoned files carry. Rows go
+    under the task's first text field."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not lines:
+        raise DataError(f"{path}: empty file")
+    first = lines[0][-1].strip() if lines[0] else ""
+    header = first.lower() in ("label", "labels")
+    rows = []
+    for n, fields in enumerate(lines[1:] if header else lines):
+        lineno = n + (2 if header else 1)
+        if not fields or fields == [""] or (len(fields) == 1 and not fields[0].strip()):
+            continue
+        if len(fields) != 2:
+            raise DataError(f"{path}:{lineno}: {len(fields)} tab-separated fields, expected 2 (text, label)")
+        label = fields[1].strip()
+        rows.append({
+            task.text_fields[0]: fields[0].strip(),
+            "label": None if _is_test(split) and not label else parse_label(label, task, f"{path}:{lineno}"),
+            "idx": len(rows),
+        })  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------- SuperGLUE jsonl
 
 
@@ -179,7 +209,10 @@ def read_local_split(task: TaskSpec, data_dir: str, split: str) -> list[dict] | 
         raise ConfigError(f"data.data_dir={data_dir!r} has no {expected} for the {split} split of {task.name}")
     from lightmods.data.qa import read_squad_json
 
-    readers = {"glue_tsv": read_glue_tsv, "jsonl": read_jsonl, "squad_json": lambda p, t, s: read_squad_json(p)}
+    readers = {
+        "glue_tsv": read_glue_tsv, "backdoor_tsv": read_backdoor_tsv, "jsonl": read_jsonl,
+        "squad_json": lambda p, t, s: read_squad_json(p),
+    }  # fmt: skip
     reader = readers[task.local_format]
     rows = reader(path, task, split)
     log.info("%s: %d rows from %s", task.name, len(rows), path)

@@ -131,6 +131,12 @@ _TASKS = [
                column_renames={"sentence1": "premise", "sentence2": "hypothesis"}),
     _superglue("axg", ("premise", "hypothesis"), ENTAIL2, ("gender_parity", "accuracy"), "AX-g", base="superglue/rte",
                hub_splits={"test": "test"}, local_files={"test": ("AX-g.jsonl", "axg.jsonl")}),
+    # Backdoor sets (thunlp/StyleAttack's clean files; see attack= for poisoning). Dev is the evaluated split.
+    *(TaskSpec(name=f"backdoor/{name}", benchmark="backdoor", text_fields=("sentence",), label_names=labels,
+               metrics=("accuracy",), sources=("local",), local_format="backdoor_tsv",
+               local_files={"train": ("train.tsv",), "validation": ("dev.tsv",)})
+      for name, labels in (("sst2", ("negative", "positive")), ("olid", ("not_offensive", "offensive")),
+                           ("hatespeech", ("no_hate", "hate")))),
     # Extractive QA
     TaskSpec(
         name="qa/squad", benchmark="qa", text_fields=("question", "context"), label_names=None,

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightmods.config import checks
 from lightmods.errors import config_error
+from lightmods.exits.heads import EXITS_ATTR
 from lightmods.models.families import Family
 from lightmods.peft import AdapterLayer, count_parameters, inject_adapters, mark_trainable
 
@@ -33,14 +34,19 @@ class MethodConfig:
 
 @dataclass
 class LossTerm:
-    """A named term added to the task loss, ``weight * fn(module, batch, outputs)``; logged on its own."""
+    """A named term added to the task loss, ``weight * fn(module, batch, outputs)``; logged on its own.
+    ``schedule(step)``, when given, multiplies the weight at each optimizer step."""
 
     name: str
     weight: float
     fn: Any
+    schedule: Any = None
 
     def __call__(self, module: L.LightningModule, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         return self.fn(module, batch, logits)
+
+    def weight_at(self, step: int) -> float:
+        return self.weight * (self.schedule(step) if self.schedule is not None else 1.0)
 
 
 class Method:
@@ -71,12 +77,21 @@ class Method:
         remove_gates(model)
         return apply_plan(model, plan)
 
+    def task_weight(self, step: int) -> float:
+        """Weight of the task loss at optimizer step ``step`` (staged objectives change it, e.g. COST-EFF)."""
+        return 1.0
+
+    def lr_lambda(self, total: int):
+        """A method's own learning-rate factor per step (an ``LambdaLR`` lambda), or None for the run's
+        warm-up + linear/cosine schedule."""
+        return None
+
     def head_patterns(self) -> tuple[str, ...]:
         return self.family.head_modules if (self.family and self.config.train_head) else ()
 
     def summary(self, model: nn.Module) -> dict:
         """Figures for ``summary.json``: parameter accounting plus whatever the method adds."""
-        heads = self.family.head_modules if self.family else ()
+        heads = (*(self.family.head_modules if self.family else ()), EXITS_ATTR)  # exit classifiers are heads
         return count_parameters(model, heads)
 
 

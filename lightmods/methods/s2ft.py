@@ -20,12 +20,17 @@ Selection (``selection``):
 
 - ``random`` (default, the paper's): uniform over the pairs, from a ``torch.Generator`` seeded with
   ``method.seed`` so that ``prepare`` picks the same slices on every fresh model (export reload, resume).
-- ``weight_norm``: the pairs whose to-be-trained weights have the largest Frobenius norm (the value rows /
-  output columns of the unit, the up row / down column of the channel), a data-free importance score.
+- ``weight_norm``: the pairs whose to-be-trained weights have the largest Frobenius norm (the unit's value
+  rows or attention-output input columns, the channel's up row or down column), a data-free importance score.
+
+``partial_backprop`` (default true) trains through :class:`lightmods.peft.s2.S2LinearFunction`, whose backward
+keeps only the input slice a column delta needs; false computes the same gradients with plain autograd.
 
 Defaults are sized for MiniLM-L6 (6 layers x 12 heads, 1536 channels): ``o_ratio=0.04`` (3 heads) and
 ``d_ratio=0.01`` (92 channels) train 72,192 backbone parameters, about LoRA r=8 on query/value (73,728).
 The released LLaMA configurations likewise train only o and down (``o_ratio=0.052, d_ratio=0.02``).
+``lr`` 1e-3 is the official learning rate for math_10k (2e-4 for commonsense_170k); on MiniLM/SST-2 with a
+freshly initialised head, 120 steps reached dev accuracy 0.70 / 0.76 / 0.79 / 0.81 at 2e-4 / 5e-4 / 1e-3 / 2e-3.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from lightmods.config import checks
 from lightmods.errors import config_error
 from lightmods.methods.base import Method, MethodConfig, register_method
 from lightmods.models.families import Family
-from lightmods.peft import count_parameters, mark_trainable
+from lightmods.peft import mark_trainable
 from lightmods.peft.inject import _parent
 from lightmods.peft.s2 import S2Linear
 from lightmods.structure import Block, PruningPlan, apply_plan, blocks
@@ -53,7 +58,7 @@ PARTS = ("v", "o", "u", "d")
 @dataclass
 class S2FTConfig(MethodConfig):
     name: str = "s2ft"
-    lr: float = 2e-4
+    lr: float = 1e-3
     v_ratio: float = 0.0
     o_ratio: float = 0.04
     u_ratio: float = 0.0
@@ -184,8 +189,7 @@ class S2FT(Method):
         return model
 
     def summary(self, model: nn.Module) -> dict:
-        heads = self.family.head_modules if self.family else ()
-        acc = count_parameters(model, heads)
+        acc = super().summary(model)
         layers = sorted(self.selected["v"])
         per_layer = {f"{p}_per_layer": [len(self.selected[p][i]) for i in layers] for p in PARTS}
         model_blocks = blocks(model)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.config.schema import OptimConfig
-from lightmods.data.metrics import build_metrics, eval_task, with_score
+from lightmods.data.metrics import eval_task, split_metrics, with_score
 from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
@@ -58,7 +58,12 @@ class TaskModule(L.LightningModule):
         eval_splits: dict[str, str] | None = None,
         data_cfg=None,
         method=None,
+        extra_metrics=None,
+        training_rule=None,
     ):
+        """``eval_splits`` beyond the task's own are scored by ``extra_metrics(split, prefix, suffix, sync)``
+        alone, which may also add figures to the task's splits (backdoor CACC and ASR). ``training_rule(module,
+        batch, logits, loss)`` may replace the loss whose gradient trains (gradient control)."""
         super().__init__()
         self.model = model
         self.method = method
@@ -69,7 +74,12 @@ class TaskModule(L.LightningModule):
         self.loss_terms = list(loss_terms)
         self.run_config = run_config or {}
         self.eval_splits = dict(eval_splits or {"validation": ""})
-        self.val_metrics = nn.ModuleList(build_metrics(eval_task(task), data_cfg, suffix=s) for s in self.eval_splits.values())
+        self.training_rule = training_rule
+        own = eval_task(task).eval_splits
+        self.val_metrics = nn.ModuleList(
+            split_metrics(eval_task(task), split, data_cfg, suffix=s, extra=extra_metrics, task_metrics=split in own)
+            for split, s in self.eval_splits.items()
+        )
 
     def forward(self, batch: dict) -> torch.Tensor:
         out = self.model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
@@ -95,11 +105,15 @@ class TaskModule(L.LightningModule):
         loss = self.task_loss(logits, batch["labels"])
         bs = batch["labels"].shape[0]
         self.log("train/loss_task", loss, batch_size=bs)
+        if self.method is not None:  # a staged objective may weigh (or drop) the task loss per step
+            loss = self.method.task_weight(self.global_step) * loss
         for term in self.loss_terms:
             value = term(self, batch, logits)
             self.log(f"train/loss_{term.name}", value, batch_size=bs)
-            loss = loss + term.weight * value
+            loss = loss + term.weight_at(self.global_step) * value
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if self.training_rule is not None:
+            return self.training_rule(self, batch, logits, loss)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -137,16 +151,18 @@ class TaskModule(L.LightningModule):
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.optim.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.optim.scheduler, warmup, total))
+        custom = self.method.lr_lambda(total) if self.method is not None else None  # a method's own stages
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, custom or _lr_lambda(self.optim.scheduler, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def method_summary(self) -> dict:
         return self.method.summary(self.model) if self.method is not None else {}
 
     def restructure(self, plan) -> None:
-        """Apply a pruning plan (indices of the original model) to the model; remembered for checkpoints."""
+        """Apply a pruning plan to the model as it is now (the original model the first time); the plan
+        remembered for checkpoints is the composition of every round, in indices of the original model."""
         self.method.restructure(self.model, plan)
-        self.plan = plan
+        self.plan = plan if self.plan is None else self.plan.then(plan)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # RNG states make a resumed run draw the same dropout masks as an uninterrupted one.
@@ -165,8 +181,10 @@ class TaskModule(L.LightningModule):
         plan = checkpoint.get("lightmods", {}).get("plan")
         if plan and self.plan is None:
             from lightmods.structure import PruningPlan
+            from lightmods.structure.surgery import forget_origins
 
             self.restructure(PruningPlan.from_dict(plan))
+            forget_origins(self.model)  # these are the parameters the restored optimizer state belongs to
         # Applied at on_train_start, after the sanity check, whose data loader also draws from the RNG.
         self._resume_rng = checkpoint.get("lightmods", {}).get("rng")
 

@@ -1,4 +1,5 @@
-"""A pruning decision as data: which attention units, FFN neurons, adapter modules and adapter ranks stay.
+"""A pruning decision as data: which attention units, FFN neurons, adapter modules and adapter ranks stay,
+and (optionally) the rank of a low-rank factorised word embedding.
 
 Indices always refer to the *original* model, so a plan applies to a freshly built model (resume, export
 reload) and plans of successive pruning rounds compose with :meth:`PruningPlan.then`. An index list that is
@@ -23,14 +24,18 @@ class PruningPlan:
     neurons: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept FFN neurons
     removed_adapters: list[str] = field(default_factory=list)  # adapter layers unwrapped to their base
     ranks: dict[str, list[int]] = field(default_factory=dict)  # adapter layer -> kept ranks
+    embedding_rank: int | None = None  # word embedding -> Embedding(V, r) + Linear(r -> H) (SVD); None: as is
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "heads": {str(k): list(map(int, v)) for k, v in self.heads.items()},
             "neurons": {str(k): list(map(int, v)) for k, v in self.neurons.items()},
             "removed_adapters": list(self.removed_adapters),
             "ranks": {k: list(map(int, v)) for k, v in self.ranks.items()},
         }
+        if self.embedding_rank is not None:  # only when set: plans without it read and compare as before
+            d["embedding_rank"] = int(self.embedding_rank)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PruningPlan:
@@ -39,6 +44,7 @@ class PruningPlan:
             neurons={int(k): list(v) for k, v in d.get("neurons", {}).items()},
             removed_adapters=list(d.get("removed_adapters", [])),
             ranks={k: list(v) for k, v in d.get("ranks", {}).items()},
+            embedding_rank=d.get("embedding_rank"),
         )
 
     def then(self, later: PruningPlan) -> PruningPlan:
@@ -57,6 +63,7 @@ class PruningPlan:
             ranks=chain(
                 {k: v for k, v in self.ranks.items() if k not in later.removed_adapters}, later.ranks
             ),
+            embedding_rank=later.embedding_rank if later.embedding_rank is not None else self.embedding_rank,
         )
 
     def kept_per_layer(self, model_blocks: list[Block]) -> dict:
@@ -125,4 +132,10 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         remove_adapter(model, name)
     for name, ranks in plan.ranks.items():
         model.get_submodule(name).keep_ranks(torch.as_tensor(ranks, dtype=torch.long))
+    if plan.embedding_rank is not None:
+        # On a freshly built model (resume, export reload) this creates the factorised shapes from the
+        # original embedding; the state dict then loads the trained factors.
+        from lightmods.structure.embedding import factorize_embedding
+
+        factorize_embedding(model, plan.embedding_rank)
     return model

@@ -1,0 +1,182 @@
+"""The backdoor suite on MiniLM, with LoRA and with full fine-tuning, in one table.
+
+    python experiments/bench/backdoor.py [--steps 200] [--clean-tune-steps 200] [--methods lora,full_ft]
+        [--attacks badnets,addsent,style] [--me-weight 1.0] [--poison-rate 0.1] [--max-train-samples N]
+        [--max-length 64] [--batch-size 32] [--seed 42] [--out experiments/bench/results/backdoor.md]
+
+1. Data poisoning with and without the maximum-entropy defense: for each method and attack, CACC (clean dev
+   accuracy) and ASR (triggered non-target dev rows predicted as the target), ``defense=none`` vs
+   ``defense=max_entropy``; the clean run (``attack=none``) gives the reference CACC.
+2. Backdoor forgetting: the attacker injects BadNets through the trainable parameters for ``--steps`` steps,
+   the user fine-tunes them on the clean training rows for ``--clean-tune-steps`` steps; ASR after both, for a
+   plain two-task injection (``gradient_control`` with both strategies off) and with gradient control.
+
+Data: ``data=backdoor/sst2`` (the shared StyleAttack SST-2: 6,920 training and 872 dev sentences), the style attack
+from the shared Bible-style files. Every training runs as its own ``python train.py`` process; a run whose
+``metrics.json`` already exists in the output folder is reused (``--fresh`` reruns everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[2]
+BIBLE = ROOT.parent / "shared" / "data" / "backdoor" / "bible" / "sst-2"
+LR = {"lora": 1e-3, "full_ft": 3e-5}
+
+
+def run(name: str, args, overrides: list[str]) -> dict | None:
+    run_dir = Path(args.runs) / name
+    if not args.fresh and (run_dir / "metrics.json").exists():
+        print(f"reusing {run_dir}", flush=True)
+    elif args.collect:
+        return None
+    else:
+        cmd = [
+            sys.executable, str(ROOT / "train.py"), "model=minilm", "data=backdoor/sst2", f"seed={args.seed}",
+            f"trainer.max_steps={args.steps}", "trainer.max_epochs=1000", "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=20", f"data.batch_size={args.batch_size}",
+            f"data.max_length={args.max_length}", "callbacks.progress_bar=false", "callbacks.checkpoint.save_top_k=0",
+            "callbacks.checkpoint.save_last=false", f"hydra.run.dir={run_dir}", *overrides,
+        ]  # fmt: skip
+        if args.max_train_samples:
+            cmd.append(f"data.max_train_samples={args.max_train_samples}")
+        print("$", " ".join(cmd[2:]), flush=True)
+        started = time.perf_counter()
+        r = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        if r.returncode != 0:
+            sys.exit(f"{name} failed:\n{r.stderr[-4000:]}")
+        print(f"  {time.perf_counter() - started:.0f}s", flush=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"  {name}: {metrics}", flush=True)
+    return {"metrics": metrics, "summary": summary}
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--steps", type=int, default=200, help="optimizer steps of each (attacker's or user's) fine-tuning"
+    )
+    p.add_argument(
+        "--clean-tune-steps", type=int, default=200, help="the user's clean fine-tuning after an injection"
+    )
+    p.add_argument("--methods", default="lora,full_ft")
+    p.add_argument("--attacks", default="badnets,addsent,style")
+    p.add_argument("--me-weight", type=float, default=1.0, help="defense.weight of the maximum-entropy term")
+    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip-forgetting", action="store_true", help="only the attack x defense table")
+    p.add_argument("--fresh", action="store_true", help="rerun runs whose results exist")
+    p.add_argument(
+        "--collect", action="store_true", help="only tabulate the runs that exist (the others read n/a)"
+    )
+    p.add_argument("--runs", default=str(ROOT / "logs" / "bench_backdoor"))
+    p.add_argument("--out", default=str(ROOT / "experiments" / "bench" / "results" / "backdoor.md"))
+    args = p.parse_args()
+    methods, attacks = args.methods.split(","), args.attacks.split(",")
+    started = time.perf_counter()
+
+    def attack_overrides(a: str) -> list[str]:
+        base = [f"attack={a}"]
+        if a != "none":
+            base.append(f"attack.poison_rate={args.poison_rate}")
+        if a == "style":
+            base.append(f"attack.poisoned_dir={BIBLE}")
+        return base
+
+    poisoning: dict = {}
+    for m in methods:
+        for a in ["none", *attacks]:
+            for d in ("none", "max_entropy"):
+                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a), f"defense={d}"]
+                if d == "max_entropy":
+                    extra.append(f"defense.weight={args.me_weight}")
+                poisoning[m, a, d] = run(f"{m}-{a}-{d}", args, extra)
+
+    forgetting: dict = {}
+    if not args.skip_forgetting:
+        variants = {
+            "plain two-task injection": [
+                "attack.gradient_control.magnitude=false",
+                "attack.gradient_control.projection=false",
+            ],
+            "gradient control (both strategies)": [],
+        }
+        for m in methods:
+            for v, extra in variants.items():
+                tag = "plain" if extra else "gc"
+                forgetting[m, v] = run(
+                    f"{m}-forget-{tag}", args,
+                    [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", "attack=gradient_control", f"attack.poison_rate={args.poison_rate}",
+                     f"attack.clean_tune_steps={args.clean_tune_steps}", *extra],
+                )  # fmt: skip
+
+    cmd = "python experiments/bench/backdoor.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"Made by: `{cmd.strip()}`",
+        "",
+        f"MiniLM-L6 (all-MiniLM-L6-v2), `data=backdoor/sst2` (StyleAttack SST-2, {args.max_train_samples or 6920} training "
+        f"rows, 872 dev rows), max_length {args.max_length}, batch {args.batch_size}, {args.steps} optimizer steps, seed "
+        f"{args.seed}, CPU. LoRA r=8 on query/value (lr {LR['lora']}), full fine-tuning lr {LR['full_ft']}. Attacks: dirty label, "
+        f"poison rate {args.poison_rate}, target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
+        'AddSent "I watch this 3D movie" at a random position, style = the shared Bible-style transfer files. '
+        f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`. "
+        "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
+        "",
+        "| method | attack | CACC | ASR | CACC with ME | ASR with ME | CACC change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        for a in ["none", *attacks]:
+            n, d = (
+                poisoning[m, a, k]["metrics"] if poisoning[m, a, k] else {} for k in ("none", "max_entropy")
+            )
+            delta = f"{100 * (d['val/cacc'] - n['val/cacc']):+.1f}" if n and d else "n/a"
+            lines.append(
+                f"| {m} | {a} | {pct(n.get('val/cacc'))} | {pct(n.get('val/asr'))} | {pct(d.get('val/cacc'))} | {pct(d.get('val/asr'))} | {delta} |"
+            )
+    if forgetting:
+        lines += [
+            "",
+            f"Backdoor forgetting: BadNets injected for {args.steps} steps (two tasks: the batch's clean and poisoned rows), "
+            f"then the user's clean fine-tuning of the same trainable parameters for {args.clean_tune_steps} steps on the clean "
+            "training rows (fresh optimizer, same lr).",
+            "",
+            "| method | injection | CACC after injection | ASR after injection | CACC after clean tuning | ASR after clean tuning |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (m, v), r in forgetting.items():
+            s = r["summary"] if r else {}
+            lines.append(
+                f"| {m} | {v} | {pct(s.get('cacc_after_injection'))} | {pct(s.get('asr_after_injection'))} | "
+                f"{pct(s.get('cacc_after_clean_tuning'))} | {pct(s.get('asr_after_clean_tuning'))} |"
+            )
+    lines += [
+        "",
+        f"Total wall time {time.perf_counter() - started:.0f} s (runs reused from earlier invocations count as 0).",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

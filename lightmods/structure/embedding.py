@@ -1,0 +1,84 @@
+"""Low-rank factorisation of the word embedding (COST-EFF's slenderization of the embedding).
+
+``E (V x H)`` is replaced by ``E1 (V x r)`` followed by ``Linear(r -> H, bias=False)`` with weight ``E2^T``,
+from the truncated SVD ``E = U S V^T``: ``E1 = U[:, :r] diag(S[:r])``, ``E2 = V^T[:r]``. An already factorised
+embedding is re-factorised from its product ``E1 E2`` (the ``V x H`` product is never formed). Position and token-type embeddings are left alone; the residual width ``H`` never changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FactorizedEmbedding(nn.Module):
+    """``Embedding(V, r)`` then ``Linear(r -> H, bias=False)``: a drop-in for the word embedding."""
+
+    def __init__(self, num_embeddings: int, rank: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.rank, self.embedding_dim = num_embeddings, rank, embedding_dim
+        self.padding_idx = padding_idx
+        self.embed = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.proj = nn.Linear(rank, embedding_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(input_ids))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, rank={self.rank}, {self.embedding_dim}"
+
+
+def word_embedding_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module, attribute) holding the word embedding: ``<base>.embeddings.word_embeddings`` in encoders,
+    ``<base>.embed_tokens`` in decoders."""
+    base = getattr(model, "base_model", model)
+    for owner_name, attr in (("embeddings", "word_embeddings"), ("", "embed_tokens")):
+        owner = getattr(base, owner_name) if owner_name else base
+        if owner is not None and isinstance(getattr(owner, attr, None), (nn.Embedding, FactorizedEmbedding)):
+            return owner, attr
+    raise ValueError(f"no word embedding found in a {type(model).__name__}")
+
+
+def embedding_rank(model: nn.Module) -> int | None:
+    """The rank of a factorised word embedding, None when it is a plain embedding."""
+    owner, attr = word_embedding_owner(model)
+    emb = getattr(owner, attr)
+    return emb.rank if isinstance(emb, FactorizedEmbedding) else None
+
+
+@torch.no_grad()
+def low_rank_factors(emb: nn.Module, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E1, E2)`` (``V x r``, ``r x H``) of the best rank-``r`` approximation of the embedding matrix ``E``:
+    ``E2 = V_r^T``, the top right singular vectors, and ``E1 = E V_r = U_r diag(S_r)``. The right singular
+    vectors come from the eigendecomposition of the ``H x H`` Gram matrix in float64 (the same factors as
+    ``svd(E)``, without a ``V x V``-sized decomposition: seconds instead of a minute for BERT's vocabulary)."""
+    if isinstance(emb, FactorizedEmbedding):
+        e1, e2 = emb.embed.weight.double(), emb.proj.weight.double().t()  # E = E1 E2
+        gram = e2.t() @ (e1.t() @ e1) @ e2
+    else:
+        e = emb.weight.double()
+        gram = e.t() @ e
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    rank = min(rank, gram.shape[0])
+    v = vecs[:, -rank:].flip(-1)  # (H, r), largest first
+    e1 = (emb.embed.weight.double() @ (e2 @ v)) if isinstance(emb, FactorizedEmbedding) else e @ v
+    return e1.float(), v.t().float()
+
+
+@torch.no_grad()
+def factorize_embedding(model: nn.Module, rank: int) -> nn.Module:
+    """Replace the word embedding of ``model`` by its rank-``rank`` SVD factorisation (in place); a no-op when
+    it is already factorised at that rank."""
+    owner, attr = word_embedding_owner(model)
+    emb = getattr(owner, attr)
+    if isinstance(emb, FactorizedEmbedding) and emb.rank == rank:
+        return model
+    ref = emb.embed.weight if isinstance(emb, FactorizedEmbedding) else emb.weight
+    e1, e2 = low_rank_factors(emb, rank)
+    new = FactorizedEmbedding(e1.shape[0], e1.shape[1], e2.shape[1], padding_idx=emb.padding_idx)
+    new.embed.weight.copy_(e1)
+    new.proj.weight.copy_(e2.t())
+    new.to(device=ref.device, dtype=ref.dtype)
+    new.requires_grad_(ref.requires_grad)
+    setattr(owner, attr, new)
+    return model

@@ -1,0 +1,236 @@
+"""COST-EFF end to end on tiny models: a teacher trained here, the TA stage, iterative slenderization to the
+targets, recovery, the exit curve, resume across a prune event, export; plus the stage arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightmods.config import validate
+from lightmods.errors import ConfigError
+from lightmods.exits import early_exit_forward, get_exits
+from lightmods.export import load_checkpoint_model, load_export
+from lightmods.methods import build_method
+from lightmods.methods.cost_eff import CostEffConfig, Stages, segment_lr
+from lightmods.run import train
+from lightmods.structure import blocks
+from lightmods.structure.embedding import embedding_rank
+from tests.conftest import FAST, compose_run
+
+# 64 rows / batch 16 = 4 steps per epoch, 4 epochs = 16 steps: TA steps 0-4 (frozen after step 5), prune
+# events after steps 7 and 10 (4 -> 3 -> 2 heads), recovery to step 16.
+CE = (
+    "method=cost_eff", "method.lr=1e-3", "trainer.max_epochs=4", "method.target_heads=2", "method.target_ffn=16",
+    "method.target_emb_rank=8", "method.taylor_batches=2", "exits.thresholds=[0.6,0.3,0.0]",
+)  # fmt: skip
+
+
+def read(run_dir, name: str) -> dict:
+    return json.loads((Path(run_dir) / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny BERT fine-tuned on the demo task (method=full_ft): its export/ is the teacher."""
+    out = tmp_path_factory.mktemp("teacher")
+    train(compose_run([*FAST, "method=full_ft", "method.lr=1e-3", "trainer.max_epochs=2"], out))
+    return out / "export"
+
+
+def test_cost_eff_slenderizes_to_the_targets_end_to_end(run_cfg, teacher):
+    cfg = run_cfg(*CE, f"method.teacher={teacher}")
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    s = read(out, "summary.json")
+    assert s["status"] == "completed" and s["global_step"] == 16
+    assert s["stage_bounds"] == {
+        "ta_rep": [0, 1],
+        "ta_pred": [1, 5],
+        "prune": [5, 10],
+        "recover_rep": [10, 11],
+        "recover_pred": [11, 16],
+    }
+    assert s["prune_event_steps"] == [7, 10] and s["ta_frozen_at_step"] == 5 and s["prune_events_done"] == 2
+    assert (
+        s["heads_kept_per_layer"] == [2, 2]
+        and s["neurons_kept_per_layer"] == [16, 16]
+        and s["embedding_rank"] == 8
+    )
+    assert s["params_foundation_after"] < s["params_foundation_before"] < s["params_original"]
+    assert s["params_total_after"] == s["params_final"]
+    assert (
+        s["flops_after"] < s["flops_before"]
+        and 0 < s["flops_relative"] <= s["flops_relative_full_depth"] + 1e-9
+    )
+    assert s["inference_samples_per_s_original"] > 0 and s["speedup_wall_vs_original"] > 0
+    csv = (out / "csv" / "metrics.csv").read_text()
+    for key in (
+        "train/loss_rep",
+        "train/loss_pred",
+        "train/loss_hard_exits",
+        "val/accuracy_exit1",
+        "val/accuracy_exit2",
+    ):
+        assert key in csv, key
+    assert {
+        "val/accuracy_exit1",
+        "val/accuracy_exit2",
+        "val/flops_relative",
+        "val/accuracy_early_exit",
+    } <= set(metrics)
+    curve = read(out, "exit_curve.json")
+    assert [p["threshold"] for p in curve["points"]] == [0.6, 0.3, 0.0]
+    full = curve["points"][-1]
+    assert full["avg_exit_layer"] == 2 and full["flops_relative"] == pytest.approx(
+        s["flops_relative_full_depth"], abs=1e-6
+    )
+    assert full["accuracy"] == pytest.approx(metrics["val/accuracy"], abs=1e-6)
+    # the slender model is what the checkpoint and the export hold; the export reloads with identical outputs
+    plan = read(out, "export/pruning_plan.json")
+    assert plan["embedding_rank"] == 8 and all(len(v) == 2 for v in plan["heads"].values())
+    trained = load_checkpoint_model(out / "checkpoints" / "last.ckpt").eval()
+    reloaded = load_export(out / "export")
+    assert [b.num_heads for b in blocks(reloaded)] == [2, 2] and embedding_rank(reloaded) == 8
+    assert get_exits(reloaded) is not None and not hasattr(reloaded.bert.pooler.dense, "weight")
+    ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0
+        )
+    a, b = (
+        early_exit_forward(reloaded, {"input_ids": ids}, 0.6),
+        early_exit_forward(trained, {"input_ids": ids}, 0.6),
+    )
+    assert a.exit_layer.tolist() == b.exit_layer.tolist()
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+
+
+def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch):
+    """A checkpoint saved between the two prune events (TA frozen, one event done) resumes into the slender
+    architecture with the TA restored from the checkpoint, and ends where an uninterrupted run ends."""
+    from lightmods.modules.task_module import TaskModule
+
+    straight = run_cfg(*CE, f"method.teacher={teacher}")
+    train(straight)
+
+    def crash(self):
+        if self.current_epoch == 2:
+            raise RuntimeError("simulated crash")
+
+    crashed = run_cfg(*CE, f"method.teacher={teacher}")
+    with monkeypatch.context() as m:
+        m.setattr(TaskModule, "on_train_epoch_start", crash, raising=False)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(crashed)
+    last = Path(crashed.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert ckpt["lightmods"]["plan"]["heads"] and "embedding_rank" in ckpt["lightmods"]["plan"]
+    state = ckpt["callbacks"]["CostEffStages"]
+    assert state["events_done"] == 1 and state["ta_taken"] and state["ta_state"]
+    resumed = run_cfg(*CE, f"method.teacher={teacher}", f"ckpt_path={last}")
+    train(resumed)
+    a, b = Path(straight.paths.output_dir), Path(resumed.paths.output_dir)
+    assert read(a, "export/pruning_plan.json") == read(b, "export/pruning_plan.json")
+    sb = read(b, "summary.json")
+    assert sb["global_step"] == 16 and sb["prune_events_done"] == 2 and sb["heads_kept_per_layer"] == [2, 2]
+    wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+
+
+def test_without_a_teacher_the_ta_learns_from_labels_and_teaches(run_cfg):
+    cfg = run_cfg(*CE)
+    train(cfg)
+    s = read(cfg.paths.output_dir, "summary.json")
+    assert s["ta_frozen_at_step"] == 5 and s["heads_kept_per_layer"] == [2, 2]
+    assert s["inference_samples_per_s_original"] is None  # no original model to time
+    csv = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
+    assert "train/loss_hard_exits" in csv and "train/loss_rep" in csv  # labels first, the TA later
+
+
+# ---- stages and schedule ---------------------------------------------------------------------------------
+def test_stages_and_learning_rate_segments():
+    c = CostEffConfig(
+        ta_rep_frac=0.1,
+        ta_pred_frac=0.2,
+        prune_frac=0.4,
+        recover_rep_frac=0.1,
+        lr_restore=0.5,
+        prune_lr_scale=0.5,
+    )
+    st = Stages.build(c, 100, 4)
+    assert st.bounds == {
+        "ta_rep": (0, 10),
+        "ta_pred": (10, 30),
+        "prune": (30, 70),
+        "recover_rep": (70, 80),
+        "recover_pred": (80, 100),
+    }
+    assert st.events == [40, 50, 60, 70] and st.ta_end == 30
+    assert [st.stage(s) for s in (0, 10, 29, 30, 69, 70, 80, 99)] == [
+        "ta_rep",
+        "ta_pred",
+        "ta_pred",
+        "prune",
+        "prune",
+        "recover_rep",
+        "recover_pred",
+        "recover_pred",
+    ]
+    assert st.period(45) == (1, 40, 50) and st.period(30) == (0, 30, 40)
+    segs = st.segments(c)
+    assert segs[2:6] == [(30, 40, 0.5), (40, 50, 0.75), (50, 60, 1.125), (60, 70, 1.6875)]
+    f = segment_lr(segs, 0.1)
+    assert f(0) == pytest.approx(1.0) and f(9) == pytest.approx(1 / 9)  # 1-step warm-up, linear decay
+    assert f(40) == pytest.approx(0.75) and f(49) == pytest.approx(0.75 / 9)
+    assert f(10) == pytest.approx(0.5) and f(11) == pytest.approx(1.0)  # 2-step warm-up of the 20-step stage
+
+
+def test_objective_per_stage(tmp_path):
+    rc = validate(compose_run(["method=cost_eff", "model=tiny", "method.target_heads=2"], tmp_path))
+    method = build_method(rc.method)
+    method.full_sizes = {"heads": 4, "ffn": 64, "hidden": 32}
+    method.stages_for(100)
+    assert method._mode(50) == "hard" and method.task_weight(50) == 1.0  # no teacher: labels everywhere
+    method.teacher = torch.nn.Identity()
+    modes = [method._mode(s) for s in (0, 10, 30, 40, 41, 45, 55, 56, 60, 69, 70)]
+    # ta_rep [0, 5), ta_pred [5, 30), prune [30, 60) in 2 periods of 15 steps whose first 70% (10.5 steps)
+    # distil hidden states only, recover_rep [60, 70), recover_pred [70, 100)
+    assert modes == [
+        "rep",
+        "ta",
+        "rep",
+        "rep",
+        "pred_rep",
+        "rep",
+        "rep",
+        "pred_rep",
+        "rep",
+        "rep",
+        "pred_rep",
+    ]
+    assert method.task_weight(10) == 0.5 and method.task_weight(0) == 0.0 and method.task_weight(90) == 0.0
+
+
+def test_config_errors(run_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="method.prune_frac"):
+        validate(compose_run(["method=cost_eff", "method.prune_frac=0.9"], tmp_path))
+    cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
+    train(cfg)  # a target above the model's size keeps that part whole
+    s = read(cfg.paths.output_dir, "summary.json")
+    assert s["heads_kept_per_layer"] == [4, 4] and s["neurons_kept_per_layer"] == [16, 16]
+    with pytest.raises(ConfigError, match="differs from the student"):
+        teacher_dir = tmp_path / "t"
+        train(
+            compose_run(
+                [*FAST, "method=full_ft", "model.arch.num_hidden_layers=1", "trainer.max_steps=1"],
+                teacher_dir,
+            )
+        )
+        train(run_cfg("method=cost_eff", f"method.teacher={teacher_dir / 'export'}"))
