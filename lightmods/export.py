@@ -54,7 +54,7 @@ def export_kind(model: nn.Module, method_name: str) -> str:
     layers = [layer for _, layer in adapter_layers(model)]
     if layers and all(isinstance(layer, LoraLinear) for layer in layers) and len({layer.scaling * layer.rank for layer in layers}) == 1:
         return "peft_lora"
-    if not layers and method_name == "full_ft":
+    if not layers and method_name in ("full_ft", "gs_lora"):  # gs_lora: every group of the last task was zero
         return "transformers"
     if layers and all(layer.mergeable for layer in layers):
         return "transformers"  # merged into the base weights
@@ -100,8 +100,9 @@ def _export_peft(model: nn.Module, out: Path, head_patterns: tuple[str, ...]) ->
     save_file(tensors, out / "adapter_model.safetensors")
     strip_adapters(model).save_pretrained(out / "base")
     first = layers[0][1]
+    image = type(model).__name__.endswith("ForImageClassification")  # PEFT has no image task type
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": first.rank, "lora_alpha": first.scaling * first.rank,
+        "peft_type": "LORA", "task_type": None if image else "SEQ_CLS", "r": first.rank, "lora_alpha": first.scaling * first.rank,
         "lora_dropout": 0.0, "target_modules": [n for n, _ in layers], "modules_to_save": sorted(set(saved_heads)),
         "base_model_name_or_path": str((out / "base").resolve()), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
@@ -114,16 +115,29 @@ def load_export(path: str | Path) -> nn.Module:
     path = Path(path)
     meta = json.loads((path / "lightmods.json").read_text())
     if meta["kind"] == "transformers":
-        from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-        archs = AutoConfig.from_pretrained(path).architectures or []
-        auto = AutoModelForQuestionAnswering if any(a.endswith("ForQuestionAnswering") for a in archs) else AutoModelForSequenceClassification
-        return auto.from_pretrained(path).eval()
+        return auto_class(path).from_pretrained(path).eval()
     if meta["kind"] == "peft_lora":
         return _load_peft_merged(path).eval()
     model = rebuild_model(meta["config"], meta.get("plan"))
     model.load_state_dict(load_file(path / "model.safetensors"))
     return model.eval()
+
+
+def auto_class(path: str | Path):
+    """The transformers auto class that loads the saved model at ``path`` with its head."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForImageClassification,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
+
+    archs = AutoConfig.from_pretrained(path).architectures or []
+    if any(a.endswith("ForQuestionAnswering") for a in archs):
+        return AutoModelForQuestionAnswering
+    if any(a.endswith("ForImageClassification") for a in archs):
+        return AutoModelForImageClassification
+    return AutoModelForSequenceClassification
 
 
 def rebuild_model(run_config: dict, plan: dict | None = None) -> nn.Module:
@@ -137,7 +151,7 @@ def rebuild_model(run_config: dict, plan: dict | None = None) -> nn.Module:
 
     rc = validate(OmegaConf.create(run_config))
     task = get_task(rc.data.task)
-    model = build_backbone(rc.model, task, build_tokenizer(rc.model))
+    model = build_backbone(rc.model, task, build_tokenizer(rc.model) if task.modality == "text" else None)
     method = build_method(rc.method)
     model = method.prepare(model, family_of(model))
     from lightmods.exits.training import attach_from_config
@@ -165,10 +179,8 @@ def load_checkpoint_model(path: str | Path) -> nn.Module:
 
 def _load_peft_merged(path: Path) -> nn.Module:
     """Base model + LoRA deltas folded into the weights + saved head modules, without the peft package."""
-    from transformers import AutoModelForSequenceClassification
-
     config = json.loads((path / "adapter_config.json").read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(path / "base")
+    model = auto_class(path / "base").from_pretrained(path / "base")
     tensors = load_file(path / "adapter_model.safetensors")
     scaling = config["lora_alpha"] / config["r"]
     prefix = "base_model.model."

@@ -18,10 +18,12 @@ from lightmods.callbacks.meters import ThroughputMeter, peak_memory_mb
 from lightmods.config.schema import CallbacksConfig, LoggerConfig, RunConfig, TrainerConfig
 from lightmods.config.store import validate
 from lightmods.data.datamodule import TextClassificationDataModule
+from lightmods.data.images import ImageClassificationDataModule
 from lightmods.data.metrics import with_score
 from lightmods.data.submission import write_submission
 from lightmods.data.tasks import get_task
 from lightmods.evaluate import evaluate, predict
+from lightmods.exits.flops import mean_sample_flops
 from lightmods.exits.training import attach_from_config as attach_exits_from_config
 from lightmods.exits.training import exit_parts
 from lightmods.export import export_model
@@ -86,7 +88,7 @@ def build_loggers(cfg: LoggerConfig, files: RunFiles, plain_config: dict) -> lis
         w = cfg.wandb
         loggers.append(
             WandbLogger(
-                project=w.project, entity=w.entity, group=w.group, name=w.name, job_type=w.job_type,
+                project=w.project, entity=w.entity, group=w.group, name=w.name or None, job_type=w.job_type,
                 tags=list(w.tags), offline=w.offline, id=w.id, log_model=w.log_model, save_dir=str(files.dir),
             )  # fmt: skip
         )
@@ -160,7 +162,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     if rc.seed is not None:
         L.seed_everything(rc.seed, workers=True)
     task = get_task(rc.data.task)
-    tokenizer = build_tokenizer(rc.model)
+    tokenizer = build_tokenizer(rc.model) if task.modality == "text" else None
     model = build_backbone(rc.model, task, tokenizer)
     method = build_method(rc.method)
     model = method.prepare(model, family_of(model))
@@ -185,9 +187,12 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             log.warning("data.doc_stride=%d lowered to %d with it", rc.data.doc_stride, positions // 4)
             rc.data.doc_stride = positions // 4
     backdoor = BackdoorSuite(rc.attack, rc.defense, task, seed=rc.seed or 0)
-    dm = TextClassificationDataModule(
-        task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path, attack=backdoor.poisoner
-    )
+    if task.modality == "image":
+        dm = ImageClassificationDataModule(task, rc.data, model.config.image_size, model.config.num_channels, seed=rc.seed or 0)
+    else:
+        dm = TextClassificationDataModule(
+            task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path, attack=backdoor.poisoner
+        )
     module = TaskModule(
         model, task, rc.method.lr, rc.optim, method.loss_terms() + backdoor.loss_terms(), run_config=plain,
         eval_splits={**task.eval_splits, **backdoor.eval_splits}, data_cfg=rc.data, method=method,
@@ -202,7 +207,8 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(files.dir),
-        enable_checkpointing=rc.callbacks.checkpoint is not None,
+        # no checkpoint callback asked for (save_top_k=0, save_last=false): no Lightning default one either
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=rc.callbacks.progress_bar,
     )
     stage_metrics: dict[str, float] = {}
@@ -255,6 +261,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     log.info("exported the model to %s", export_dir)
     best = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint)), None)
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    flops = mean_sample_flops(module.model, dm.eval_dataloader(next(iter(task.eval_splits))))  # final model, full depth
     summary = {
         "status": "completed",
         "method": rc.method.name,
@@ -265,6 +272,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         **backdoor.summary(),
         "train_samples_per_s": round(meter.samples_per_s, 3) if meter.samples_per_s else None,
         "peak_memory_mb": round(peak_memory_mb(module.device), 1),
+        "flops_per_sample": round(flops) if flops else None,
         "wall_s": round(time.perf_counter() - started, 3),
         "global_step": trainer.global_step,
         "epochs_completed": trainer.current_epoch,
@@ -278,6 +286,8 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     numeric = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for lg in loggers:
         lg.log_metrics({**metrics, **numeric}, step=trainer.global_step)
+        if isinstance(lg, WandbLogger):  # what a metrics row cannot hold: names, status, per-layer lists
+            lg.experiment.summary.update({f"summary/{k}": v for k, v in summary.items() if f"summary/{k}" not in numeric and v is not None})
         lg.save()
 
     width = max(len(k) for k in metrics)

@@ -31,7 +31,7 @@ DATA_DIRS = {
     "qa/squad": FIXTURES / "squad", "qa/squad_v2": None,  # the shared dev set + a fixture train file, see below
     "glue/ax": None, "superglue/axb": None, "superglue/axg": None,  # base task files + a diagnostic fixture
     "backdoor/sst2": SHARED / "data/backdoor/clean/sst-2", "backdoor/olid": SHARED / "data/backdoor/clean/offenseval",
-    "backdoor/hatespeech": SHARED / "data/backdoor/clean/hate-speech",
+    "backdoor/hatespeech": SHARED / "data/backdoor/clean/hate-speech", "backdoor/ag": SHARED / "data/backdoor/clean/ag",
 }  # fmt: skip
 DIAGNOSTICS = {
     "glue/ax": (FIXTURES / "glue/MNLI", FIXTURES / "glue/AX/AX.tsv"),
@@ -60,7 +60,7 @@ def data_dir(task: str, tmp_path: Path) -> Path:
 
 
 def test_every_registered_benchmark_task_has_a_config_and_local_data():
-    tasks = {t for t in TASKS if t != "demo"}
+    tasks = {t for t, spec in TASKS.items() if "generated" not in spec.sources}  # demo, images/synthetic: generated
     assert tasks == set(DATA_DIRS)
     configs = {p.relative_to(ROOT / "conf" / "data").with_suffix("").as_posix() for p in (ROOT / "conf" / "data").rglob("*.yaml")}
     assert tasks <= configs

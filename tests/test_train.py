@@ -10,6 +10,8 @@ import torch
 
 from lightmods.errors import ConfigError
 from lightmods.run import train
+from tests.conftest import CONF
+from tests.test_tasks import DATA_DIRS
 
 
 def read(out: Path, name: str) -> dict:
@@ -56,6 +58,14 @@ def test_checkpoint_loads_with_weights_only(run_cfg):
     assert ckpt["lightmods"]["config"]["method"]["name"] == "lora"
     assert "hyper_parameters" not in ckpt  # nothing pickled beyond tensors and plain containers
     assert any("lora_A" in k for k in ckpt["state_dict"])
+
+
+def test_no_checkpoint_asked_for_writes_none(run_cfg):
+    cfg = run_cfg("callbacks.checkpoint.save_top_k=0", "callbacks.checkpoint.save_last=false")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert (out / "summary.json").exists()
+    assert not list(out.rglob("*.ckpt"))  # not even Lightning's default checkpoint in the logger folder
 
 
 def test_same_seed_same_metrics(run_cfg):
@@ -153,9 +163,20 @@ def test_wandb_run_finished_with_failure_code(run_cfg, monkeypatch):
     assert calls == [1] and wandb.run is None
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if "sweeper:" not in p.read_text())
+
+
+@pytest.mark.parametrize("experiment", PRESETS)
 def test_every_experiment_runs_on_the_tiny_model(run_cfg, experiment):
-    cfg = run_cfg(f"experiment={experiment}", "model=tiny", "trainer.fast_dev_run=1", fast=False)
+    """Each preset's run on the tiny model, on CPU, with local files where it reads the hub (paper presets);
+    sweep files (``hydra.sweeper.params``) are composed job by job in tests/test_sweeps.py."""
+    cfg = run_cfg(f"experiment={experiment}", fast=False)
+    local = DATA_DIRS.get(cfg.data.task) if not cfg.data.data_dir else None  # a hub task: its local files
+    local = [f"data.data_dir={local}"] if local else []
+    cfg = run_cfg(
+        f"experiment={experiment}", "model=tiny", "trainer=cpu", "trainer.fast_dev_run=1", "exits.timing=false",
+        "data.max_train_samples=64", "data.max_eval_samples=64", *local, fast=False,
+    )  # fmt: skip
     assert cfg.model.init == "random"
     train(cfg)
     assert read(Path(cfg.paths.output_dir), "summary.json")["status"] == "completed"

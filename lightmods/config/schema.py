@@ -45,7 +45,10 @@ class ModelConfig:
             raise config_error("model.name_or_path", self.name_or_path, "a hub id, a local folder or pkg:<package> when model.init=pretrained")
         if self.init == "random" and "model_type" not in self.arch:
             raise config_error("model.arch", dict(self.arch), "a transformers config dict with a 'model_type' key when model.init=random")
-        if self.tokenizer is None and self.init == "random" and not self.name_or_path:
+        from lightmods.models.families import IMAGE_MODEL_TYPES
+
+        image = self.arch.get("model_type") in IMAGE_MODEL_TYPES  # image classifiers read pixels, no tokenizer
+        if self.tokenizer is None and self.init == "random" and not self.name_or_path and not image:
             raise config_error("model.tokenizer", None, "a tokenizer path or hub id (a randomly initialised model has none of its own)")
 
 
@@ -60,6 +63,26 @@ class DemoDataConfig:
     def __post_init__(self):
         checks.positive("data.demo.num_train", self.num_train)
         checks.positive("data.demo.num_val", self.num_val)
+
+
+@dataclass
+class ImageDataConfig:
+    """The generated image task (``images/synthetic``): class patterns (stripes, checkers) with random period,
+    phase and amplitude plus Gaussian noise. ``size``/``channels``: null takes the model's."""
+
+    num_train: int = 512
+    num_val: int = 256
+    size: int | None = None
+    channels: int | None = None
+    noise: float = 0.5
+    seed: int = 1234
+
+    def __post_init__(self):
+        checks.positive("data.image.num_train", self.num_train)
+        checks.positive("data.image.num_val", self.num_val)
+        checks.positive("data.image.size", self.size, allow_none=True)
+        checks.positive("data.image.channels", self.channels, allow_none=True)
+        checks.non_negative("data.image.noise", self.noise)
 
 
 @dataclass
@@ -83,6 +106,7 @@ class DataConfig:
     max_answer_length: int = 30
     null_score_diff_threshold: float = 0.0
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    image: ImageDataConfig = field(default_factory=ImageDataConfig)
 
     def __post_init__(self):
         from lightmods.data.tasks import TASKS
@@ -271,3 +295,6 @@ class RunConfig:
     def __post_init__(self):
         if isinstance(self.data, DataConfig) and isinstance(self.attack, AttackConfig):  # checks across groups
             check_backdoor(self.attack, self.defense, self.data.task, self.trainer.precision)
+        check_method = getattr(self.method, "check_run", None)  # a method's checks against the task (e.g. its classes)
+        if callable(check_method) and isinstance(self.data, DataConfig):
+            check_method(self)

@@ -16,7 +16,9 @@ def register_schemas() -> None:
     """``base_config`` types the whole run; ``schema/method/<name>`` types each method's YAML
     (each ``conf/method/<name>.yaml`` starts with ``/schema/method/<name>@_here_`` in its defaults)."""
     from lightmods.methods import METHODS
+    from lightmods.sweep.jobs import register_resolvers
 
+    register_resolvers()  # ${lightmods.sweep_group:} (conf/logger/wandb.yaml)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for name, cls in METHODS.items():

@@ -110,6 +110,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.raw: dict[str, list[dict]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
         self.collator = Collator(tokenizer, task.is_regression)
+        # A method's own composition of training batches (GS-LoRA: retained + forgotten rows per step):
+        # ``train_batch_sampler(dataset)`` -> a batch sampler; None = shuffled batches of ``batch_size``.
+        self.train_batch_sampler = None
 
     # ------------------------------------------------------------ loading
     @property
@@ -277,6 +280,11 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
+        if self.train_batch_sampler is not None:
+            return DataLoader(
+                ds, batch_sampler=self.train_batch_sampler(ds), collate_fn=self.collator, num_workers=self.cfg.num_workers,
+                persistent_workers=self.cfg.num_workers > 0, generator=self._generator(),
+            )  # fmt: skip
         return DataLoader(
             ds,
             batch_size=self.cfg.batch_size,

@@ -215,8 +215,29 @@ def read_local_split(task: TaskSpec, data_dir: str, split: str) -> list[dict] | 
     }  # fmt: skip
     reader = readers[task.local_format]
     rows = reader(path, task, split)
+    if task.holdout and split in ("train", *task.eval_splits):
+        other = local_file(task, data_dir, next(iter(task.eval_splits)) if split == "train" else "train")
+        if other is not None and other.resolve() == path.resolve():  # one labelled file: carve out validation
+            rows = holdout_rows(rows, task.holdout, evaluation=split != "train")
     log.info("%s: %d rows from %s", task.name, len(rows), path)
     return rows
+
+
+def holdout_rows(rows: list[dict], share: float, evaluation: bool) -> list[dict]:
+    """The evaluation part (``round(share * n)`` rows of every label, chosen by a fixed seed) or the training
+    part (the rest) of one labelled file, each in file order. Independent of the run's seed, so every run
+    evaluates on the same rows."""
+    import random
+
+    by_label: dict = {}
+    for i, row in enumerate(rows):
+        by_label.setdefault(row["label"], []).append(i)
+    held: set[int] = set()
+    for label in sorted(by_label, key=str):
+        positions = list(by_label[label])
+        random.Random(f"holdout-{label}").shuffle(positions)
+        held.update(positions[: round(share * len(positions))])
+    return [row for i, row in enumerate(rows) if (i in held) == evaluation]
 
 
 def read_hub_split(task: TaskSpec, split: str, revision: str | None = None) -> list[dict] | None:

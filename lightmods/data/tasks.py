@@ -23,6 +23,8 @@ class TaskSpec:
     ``local_columns`` maps row columns to GLUE tsv header names (an int: a column position, for
     header-less files). A diagnostic task names its ``base``: it trains and validates on the base task's
     data and scores (or, without labels, only predicts) its own test file with its own metrics.
+    ``holdout``: when the train and validation splits resolve to the same local file (a source with one
+    labelled file), validation is this fixed, label-stratified share of its rows and train the rest.
     """
 
     name: str
@@ -44,10 +46,16 @@ class TaskSpec:
     num_choices: int = 0
     base: str | None = None
     column_renames: dict[str, str] = field(default_factory=dict)
+    holdout: float | None = None
 
     @property
     def is_regression(self) -> bool:
         return self.label_names is None and self.head != "qa"
+
+    @property
+    def modality(self) -> str:
+        """``image`` for image classification (``pixel_values`` in, no tokenizer), ``text`` otherwise."""
+        return "image" if self.head == "image_cls" else "text"
 
     @property
     def num_labels(self) -> int:
@@ -59,6 +67,7 @@ GLUE_FILES = {"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("tes
 SG_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 SG_FILES = {"train": ("train.jsonl",), "validation": ("val.jsonl", "dev.jsonl"), "test": ("test.jsonl",)}
 ENTAIL2 = ("entailment", "not_entailment")
+SYNTHETIC_PATTERNS = ("horizontal", "vertical", "diagonal", "checker")  # classes of images/synthetic
 
 
 def _glue(name, fields, labels, metrics, columns, submission, **kw) -> TaskSpec:
@@ -137,6 +146,14 @@ _TASKS = [
                local_files={"train": ("train.tsv",), "validation": ("dev.tsv",)})
       for name, labels in (("sst2", ("negative", "positive")), ("olid", ("not_offensive", "offensive")),
                            ("hatespeech", ("no_hate", "hate")))),
+    # AG News (4 topics): the StyleAttack 999-row sample has one file; validation is a fixed 40% of it.
+    TaskSpec(name="backdoor/ag", benchmark="backdoor", text_fields=("sentence",),
+             label_names=("world", "sports", "business", "sci_tech"), metrics=("accuracy",), sources=("local",),
+             local_format="backdoor_tsv", local_files={"train": ("train.tsv", "test_1000.tsv"),
+                                                       "validation": ("dev.tsv", "test_1000.tsv")}, holdout=0.4),
+    # Images: a generated pattern-classification task (no download) for image classifiers (ViT)
+    TaskSpec(name="images/synthetic", benchmark="images", text_fields=(), label_names=SYNTHETIC_PATTERNS,
+             metrics=("accuracy",), sources=("generated",), head="image_cls", builder="image"),
     # Extractive QA
     TaskSpec(
         name="qa/squad", benchmark="qa", text_fields=("question", "context"), label_names=None,

@@ -95,3 +95,25 @@ class FlopsProfile:
         if exits_evaluated and self.exit_start is not None:
             total += self.exit_head() * max(0, min(k, n_layers - 1) - self.exit_start + 1)
         return total + (self.final_head() if k == n_layers else 0.0)
+
+
+def mean_sample_flops(model: nn.Module, batches) -> float | None:
+    """Analytic FLOPs of one inference sample at full depth (exit heads not evaluated), averaged over the
+    samples of ``batches`` at their non-padding lengths: the ``flops_per_sample`` of every run's summary.
+
+    ``None`` for models without a block layout (or inputs without an attention mask, e.g. images).
+    """
+    from lightmods.errors import ConfigError
+
+    try:
+        profile = FlopsProfile.from_model(model)
+    except ConfigError:
+        return None
+    lengths: list[int] = []
+    for batch in batches:
+        if "attention_mask" not in batch:
+            return None
+        lengths.extend(int(n) for n in batch["attention_mask"].sum(-1).tolist())
+    if not lengths:
+        return None
+    return sum(profile.sample(n, exits_evaluated=False) for n in lengths) / len(lengths)

@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForImageClassification,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -18,7 +19,8 @@ from transformers import (
 
 from lightmods.config.schema import ModelConfig
 from lightmods.data.tasks import TaskSpec
-from lightmods.errors import ConfigError
+from lightmods.errors import ConfigError, config_error
+from lightmods.models.families import IMAGE_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ HEAD_CLASSES = {
     "seq_cls": AutoModelForSequenceClassification,
     "multiple_choice": AutoModelForSequenceClassification,  # one score per (row, choice), see TaskModule
     "qa": AutoModelForQuestionAnswering,
+    "image_cls": AutoModelForImageClassification,
 }
 
 
@@ -58,6 +61,8 @@ def _load_error(key: str, value: str, err: Exception) -> ConfigError:
 
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or cfg.name_or_path
+    if source is None:  # a randomly built image classifier on a text task
+        raise config_error("model.tokenizer", None, "a tokenizer path or hub id for a text task (image classifiers such as model=tiny_vit take an image task)")
     try:
         tok = AutoTokenizer.from_pretrained(
             resolve_path(source), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -70,13 +75,17 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-    """The HF model with the task's head, in train mode. ``init=random`` downloads nothing."""
+def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
+    """The HF model with the task's head, in train mode. ``init=random`` downloads nothing. Image tasks
+    (``tokenizer=None``) take an image classifier."""
     head_cls = HEAD_CLASSES[task.head]
     head_kwargs = {}
+    if cfg.init == "random" and (cfg.arch.get("model_type") in IMAGE_MODEL_TYPES) != (task.modality == "image"):
+        kind = "an image classifier (model_type " + ", ".join(IMAGE_MODEL_TYPES) + ")" if task.modality == "image" else "a text model"
+        raise config_error("model.arch.model_type", cfg.arch.get("model_type"), f"{kind} for data.task={task.name!r}")
     if task.head == "multiple_choice":
         head_kwargs["num_labels"] = 1
-    elif task.head == "seq_cls":
+    elif task.head in ("seq_cls", "image_cls"):
         head_kwargs["num_labels"] = task.num_labels
         if task.is_regression:
             head_kwargs["problem_type"] = "regression"
@@ -87,7 +96,7 @@ def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokeni
         arch = dict(cfg.arch)
         model_type = arch.pop("model_type")
         config = AutoConfig.for_model(model_type, **arch, **head_kwargs)
-        if config.pad_token_id is None or config.pad_token_id >= config.vocab_size:
+        if tokenizer is not None and (config.pad_token_id is None or config.pad_token_id >= config.vocab_size):
             config.pad_token_id = tokenizer.pad_token_id
         model = head_cls.from_config(config)
     else:
@@ -98,7 +107,7 @@ def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokeni
             )
         except (OSError, ValueError) as e:
             raise _load_error("model.name_or_path", cfg.name_or_path, e) from e
-        if model.config.pad_token_id is None:
+        if tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     return model

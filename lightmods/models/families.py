@@ -12,6 +12,7 @@ from torch import nn
 
 from lightmods.errors import ConfigError
 
+IMAGE_MODEL_TYPES = ("vit",)  # image classifiers: pixel_values in, no tokenizer
 _ENC_ATTN_OUT = r"re:(.*\.)?layer\.\d+\.attention\.output\.dense"
 _ENC_FFN_OUT = r"re:(.*\.)?layer\.\d+\.output\.dense"
 
@@ -42,6 +43,13 @@ FAMILIES: dict[str, Family] = {
             head_modules=("classifier", "qa_outputs"),
             lora_targets=("query", "value"),
             adapter_targets={"houlsby": (_ENC_ATTN_OUT, _ENC_FFN_OUT), "pfeiffer": (_ENC_FFN_OUT,)},
+        ),
+        Family(
+            name="vit",
+            model_types=IMAGE_MODEL_TYPES,
+            head_modules=("classifier",),
+            lora_targets=("q_proj", "v_proj"),  # query and value (transformers 5 names them q_proj / v_proj)
+            adapter_targets={"houlsby": ("attention.o_proj", "mlp.fc2"), "pfeiffer": ("mlp.fc2",)},
         ),
         Family(
             name="llama",

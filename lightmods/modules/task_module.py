@@ -16,7 +16,7 @@ from lightmods.data.metrics import eval_task, split_metrics, with_score
 from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "structure_gates.")
 
 

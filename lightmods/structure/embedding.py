@@ -33,7 +33,7 @@ def word_embedding_owner(model: nn.Module) -> tuple[nn.Module, str]:
     ``<base>.embed_tokens`` in decoders."""
     base = getattr(model, "base_model", model)
     for owner_name, attr in (("embeddings", "word_embeddings"), ("", "embed_tokens")):
-        owner = getattr(base, owner_name) if owner_name else base
+        owner = getattr(base, owner_name, None) if owner_name else base
         if owner is not None and isinstance(getattr(owner, attr, None), (nn.Embedding, FactorizedEmbedding)):
             return owner, attr
     raise ValueError(f"no word embedding found in a {type(model).__name__}")
