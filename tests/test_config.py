@@ -100,3 +100,12 @@ def test_composition_errors_name_key_and_value(override, fragments, tmp_path):
 def test_keys_added_with_plus_are_still_checked_against_the_schema(override, tmp_path):
     with pytest.raises(ConfigError, match=override.split("=")[0].lstrip("+").split(".")[-1]):
         validate(compose_run([override], tmp_path))
+
+
+@pytest.mark.parametrize("module", ["lightmods.run", "lightmods.attacks.config"])
+def test_entry_modules_import_first_without_a_cycle(module):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
