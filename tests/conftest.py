@@ -70,3 +70,33 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def crash_at_epoch(monkeypatch, cfg, epoch: int) -> Path:
+    """Train ``cfg`` until a simulated crash at the start of ``epoch``; returns the run's ``last.ckpt``."""
+    from lightmods.modules.task_module import TaskModule
+    from lightmods.run import train
+
+    def crash(self):
+        if self.current_epoch == epoch:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(TaskModule, "on_train_epoch_start", crash, raising=False)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def assert_same_outputs_and_exits(reloaded, trained, ids, threshold: float) -> None:
+    """Bit-identical logits at full depth, and the same exit layers and logits under entropy early exit."""
+    import torch
+
+    from lightmods.exits import early_exit_forward
+
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
+    a = early_exit_forward(reloaded, {"input_ids": ids}, threshold)
+    b = early_exit_forward(trained, {"input_ids": ids}, threshold)
+    assert a.exit_layer.tolist() == b.exit_layer.tolist()
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)

@@ -11,14 +11,14 @@ import torch
 
 from lightmods.config import validate
 from lightmods.errors import ConfigError
-from lightmods.exits import early_exit_forward, get_exits
+from lightmods.exits import get_exits
 from lightmods.export import load_checkpoint_model, load_export
 from lightmods.methods import build_method
 from lightmods.methods.cost_eff import CostEffConfig, Stages, segment_lr
 from lightmods.run import train
 from lightmods.structure import blocks
 from lightmods.structure.embedding import embedding_rank
-from tests.conftest import FAST, compose_run
+from tests.conftest import FAST, assert_same_outputs_and_exits, compose_run, crash_at_epoch
 
 # 64 rows / batch 16 = 4 steps per epoch, 4 epochs = 16 steps: TA steps 0-4 (frozen after step 5), prune
 # events after steps 7 and 10 (4 -> 3 -> 2 heads), recovery to step 16.
@@ -96,36 +96,16 @@ def test_cost_eff_slenderizes_to_the_targets_end_to_end(run_cfg, teacher):
     assert [b.num_heads for b in blocks(reloaded)] == [2, 2] and embedding_rank(reloaded) == 8
     assert get_exits(reloaded) is not None and not hasattr(reloaded.bert.pooler.dense, "weight")
     ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0
-        )
-    a, b = (
-        early_exit_forward(reloaded, {"input_ids": ids}, 0.6),
-        early_exit_forward(trained, {"input_ids": ids}, 0.6),
-    )
-    assert a.exit_layer.tolist() == b.exit_layer.tolist()
-    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert_same_outputs_and_exits(reloaded, trained, ids, 0.6)
 
 
 def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch):
     """A checkpoint saved between the two prune events (TA frozen, one event done) resumes into the slender
     architecture with the TA restored from the checkpoint, and ends where an uninterrupted run ends."""
-    from lightmods.modules.task_module import TaskModule
-
     straight = run_cfg(*CE, f"method.teacher={teacher}")
     train(straight)
 
-    def crash(self):
-        if self.current_epoch == 2:
-            raise RuntimeError("simulated crash")
-
-    crashed = run_cfg(*CE, f"method.teacher={teacher}")
-    with monkeypatch.context() as m:
-        m.setattr(TaskModule, "on_train_epoch_start", crash, raising=False)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train(crashed)
-    last = Path(crashed.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last = crash_at_epoch(monkeypatch, run_cfg(*CE, f"method.teacher={teacher}"), 2)
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 8
     assert ckpt["lightmods"]["plan"]["heads"] and "embedding_rank" in ckpt["lightmods"]["plan"]

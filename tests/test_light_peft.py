@@ -12,7 +12,7 @@ import torch
 from lightmods.export import load_checkpoint_model, load_export
 from lightmods.run import train
 from lightmods.structure import blocks
-from tests.conftest import run_cli
+from tests.conftest import crash_at_epoch, run_cli
 
 # 64 rows / batch 16 = 4 steps per epoch; pruning after step 5, training goes on to step 12.
 LP = ("method=light_peft", "method.estimate_steps=5", "trainer.max_epochs=3", "method.inference_batches=2")
@@ -65,21 +65,10 @@ def test_prunes_physically_and_training_continues(run_cfg, model):
 def test_resume_across_pruning_is_exact(run_cfg, monkeypatch, crash_epoch, ckpt_step):
     """A run resumed from a checkpoint saved before pruning prunes at the right step with the same plan; one
     saved after pruning resumes into the pruned architecture. Both end with the uninterrupted run's weights."""
-    from lightmods.modules.task_module import TaskModule
-
     straight = run_cfg(*LP)
     train(straight)
 
-    def crash(self):
-        if self.current_epoch == crash_epoch:
-            raise RuntimeError("simulated crash")
-
-    crashed = run_cfg(*LP)
-    with monkeypatch.context() as m:
-        m.setattr(TaskModule, "on_train_epoch_start", crash, raising=False)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train(crashed)
-    last = Path(crashed.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last = crash_at_epoch(monkeypatch, run_cfg(*LP), crash_epoch)
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == ckpt_step and (ckpt["lightmods"]["plan"] is None) == (ckpt_step < 5)
     resumed = run_cfg(*LP, f"ckpt_path={last}")

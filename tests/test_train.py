@@ -10,7 +10,7 @@ import torch
 
 from lightmods.errors import ConfigError
 from lightmods.run import train
-from tests.conftest import CONF
+from tests.conftest import CONF, crash_at_epoch
 from tests.test_tasks import DATA_DIRS
 
 
@@ -82,22 +82,11 @@ def test_resume_from_last_ckpt_continues_where_it_stopped(run_cfg, monkeypatch):
     """A 2-epoch run that crashes at the start of epoch 2, resumed from last.ckpt, ends exactly like an
     uninterrupted 2-epoch run: same step count, same weights, same metrics (dropout on, so the RNG
     state restored from the checkpoint matters)."""
-    from lightmods.modules.task_module import TaskModule
-
     overrides = ("trainer.max_epochs=2", "+model.arch.hidden_dropout_prob=0.3")
     straight = run_cfg(*overrides)
     train(straight)
 
-    def crash_in_second_epoch(self):
-        if self.current_epoch == 1:
-            raise RuntimeError("simulated crash")
-
-    crashed = run_cfg(*overrides)
-    with monkeypatch.context() as m:
-        m.setattr(TaskModule, "on_train_epoch_start", crash_in_second_epoch, raising=False)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train(crashed)
-    last = Path(crashed.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last = crash_at_epoch(monkeypatch, run_cfg(*overrides), 1)
     assert torch.load(last, weights_only=True)["global_step"] == 4
     resumed = run_cfg(*overrides, f"ckpt_path={last}")
     train(resumed)
