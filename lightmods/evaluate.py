@@ -22,7 +22,7 @@ def predict(module, dataloader: DataLoader, task: TaskSpec, metrics=None) -> tup
         logits = module(batch)
         if metrics is not None:
             metrics.update_batch(logits, batch)
-        if task.head != "qa":
+        if task.head not in ("qa", "causal_lm"):
             p = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
             positions += batch["idx"].tolist()
             preds += p.tolist()
@@ -45,6 +45,8 @@ def evaluate(module, dm, split: str, prefix: str = "val/", suffix: str = "", ext
     values = metrics.compute()
     if task.head == "qa":
         return values, metrics.last_predictions
+    if task.head == "causal_lm":  # no per-row predictions: the split's perplexity is the result
+        return values, []
     if task.builder == "record":
         return values, [{"idx": rows[g]["idx"], "prediction": e, "answers": rows[g]["answers"]} for g, e in sorted(metrics.last_predictions.items())]
     out = []

@@ -6,9 +6,14 @@
   ``peft.AutoPeftModelForSequenceClassification.from_pretrained(export_dir)`` reproduces the outputs.
 - Full fine-tuning, and adapters that are all mergeable but not LoRA-shaped (e.g. LoRETTA_rep's tensor
   trains): a plain transformers model (``save_pretrained``), the adapters merged into the weights.
+- Quantized models (``method=quant``): ``quantized.safetensors``, the weights as bit-packed integer codes plus
+  per-module scales (``lightmods/quant/export.py``), dequantized into the plain model on load.
 - Methods that neither can express (e.g. bottleneck adapters): ``model.safetensors`` plus ``lightmods.json``
   (the run config), loaded back by :func:`load_export`.
 Every export records its kind in ``lightmods.json``; :func:`load_export` loads all three back.
+A model that a method marks with :data:`MERGE_ON_EXPORT` (modules no transformers class has, e.g. SPT's
+routers and codebooks) is written in the lightmods format with its adapters merged (``adapters_merged``);
+:func:`load_export` rebuilds it, strips the fresh adapters and loads the merged weights.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from torch import nn
 from lightmods.peft import LoraLinear, adapter_layers
 from lightmods.peft.inject import match_module, merge_adapters
 from lightmods.peft.moslora import MoSLoraLinear
+from lightmods.quant import quant_layers
+from lightmods.quant.export import export_quantized, load_quantized
+
+MERGE_ON_EXPORT = "_lightmods_merge_on_export"  # model attribute: lightmods format, adapters merged
 
 
 def _lora_factors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +65,8 @@ def export_kind(model: nn.Module, method_name: str) -> str:
         return "peft_lora"
     if not layers and method_name in ("full_ft", "gs_lora"):  # gs_lora: every group of the last task was zero
         return "transformers"
+    if not layers and reapplies(method_name):  # plain weights; load_export re-applies the method
+        return "transformers"
     if layers and all(layer.mergeable for layer in layers):
         return "transformers"  # merged into the base weights
     return "lightmods"
@@ -69,15 +80,26 @@ def export_model(
     # A structurally pruned model has per-layer sizes no transformers config can state: lightmods format,
     # with the pruning plan that rebuilds its shapes.
     # Exit heads (``exits``, COST-EFF) are modules no transformers class has: lightmods format too.
-    kind = "lightmods" if plan is not None or hasattr(model, "exit_heads") else export_kind(model, method_name)
-    if kind == "peft_lora":
+    custom = getattr(model, MERGE_ON_EXPORT, False)
+    kind = "lightmods" if plan is not None or hasattr(model, "exit_heads") or custom else export_kind(model, method_name)
+    merged = False
+    if next(quant_layers(model), None) is not None:  # method=quant: bit-packed integer codes + scales
+        kind = "quantized"
+        export_quantized(model, out)
+    elif kind == "peft_lora":
         _export_peft(model, out, head_patterns)
     elif kind == "transformers":
         has_adapters = next(adapter_layers(model), None) is not None
         (strip_adapters(model, merge=True) if has_adapters else model).save_pretrained(out)
     else:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+        merged = custom and next(adapter_layers(model), None) is not None
+        state = (strip_adapters(model, merge=True) if merged else model).state_dict()
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, out / "model.safetensors")
     meta = {"kind": kind, "config": run_config, "plan": plan.to_dict() if plan is not None else None}
+    if merged:
+        meta["adapters_merged"] = True
+    if kind == "transformers" and reapplies(method_name):
+        meta["reapply_method"] = True
     (out / "lightmods.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     if plan is not None:
         (out / "pruning_plan.json").write_text(json.dumps(plan.to_dict()) + "\n")
@@ -114,19 +136,47 @@ def load_export(path: str | Path) -> nn.Module:
     """The exported model, ready for inference, whatever its kind (PEFT adapters come back merged)."""
     path = Path(path)
     meta = json.loads((path / "lightmods.json").read_text())
+    if meta["kind"] == "quantized":
+        return load_quantized(path, meta["config"])
     if meta["kind"] == "transformers":
-        return auto_class(path).from_pretrained(path).eval()
+        model = auto_class(path).from_pretrained(path)
+        if meta.get("reapply_method"):
+            model = reapply_method(model, meta["config"]["method"])
+        return model.eval()
     if meta["kind"] == "peft_lora":
         return _load_peft_merged(path).eval()
     model = rebuild_model(meta["config"], meta.get("plan"))
+    if meta.get("adapters_merged"):
+        model = strip_adapters(model)  # fresh adapters: the merged weights replace their base layers
     model.load_state_dict(load_file(path / "model.safetensors"))
     return model.eval()
+
+
+def reapplies(method_name: str) -> bool:
+    """Whether ``method_name`` changes the model without parameters of its own (``Method.export_reapplies``)."""
+    from lightmods.methods import METHODS
+
+    return bool(getattr(METHODS.get(method_name), "export_reapplies", False))
+
+
+def reapply_method(model: nn.Module, method_config: dict) -> nn.Module:
+    """``model`` (plain weights) prepared again by the method of ``method_config`` (the run config's
+    ``method`` section, checked against the method's schema)."""
+    from omegaconf import OmegaConf
+
+    from lightmods.methods import METHODS, build_method
+    from lightmods.models import family_of
+
+    schema = METHODS[method_config["name"]].Config
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), method_config))
+    return build_method(config).prepare(model, family_of(model))
 
 
 def auto_class(path: str | Path):
     """The transformers auto class that loads the saved model at ``path`` with its head."""
     from transformers import (
         AutoConfig,
+        AutoModelForCausalLM,
         AutoModelForImageClassification,
         AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
@@ -137,6 +187,8 @@ def auto_class(path: str | Path):
         return AutoModelForQuestionAnswering
     if any(a.endswith("ForImageClassification") for a in archs):
         return AutoModelForImageClassification
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return AutoModelForCausalLM
     return AutoModelForSequenceClassification
 
 
@@ -150,7 +202,9 @@ def rebuild_model(run_config: dict, plan: dict | None = None) -> nn.Module:
     from lightmods.models import build_backbone, build_tokenizer, family_of
 
     rc = validate(OmegaConf.create(run_config))
-    task = get_task(rc.data.task)
+    from lightmods.data.images import resolve_task
+
+    task = resolve_task(get_task(rc.data.task), rc.data)  # images/folder: class names from the folders
     model = build_backbone(rc.model, task, build_tokenizer(rc.model) if task.modality == "text" else None)
     method = build_method(rc.method)
     model = method.prepare(model, family_of(model))

@@ -18,7 +18,7 @@ from lightmods.callbacks.meters import ThroughputMeter, peak_memory_mb
 from lightmods.config.schema import CallbacksConfig, LoggerConfig, RunConfig, TrainerConfig
 from lightmods.config.store import validate
 from lightmods.data.datamodule import TextClassificationDataModule
-from lightmods.data.images import ImageClassificationDataModule
+from lightmods.data.images import ImageClassificationDataModule, resolve_task
 from lightmods.data.metrics import with_score
 from lightmods.data.submission import write_submission
 from lightmods.data.tasks import get_task
@@ -161,7 +161,7 @@ def structure_report(callbacks: list, module: TaskModule) -> dict:
 def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
     if rc.seed is not None:
         L.seed_everything(rc.seed, workers=True)
-    task = get_task(rc.data.task)
+    task = resolve_task(get_task(rc.data.task), rc.data)  # images/folder: class names from the folders
     tokenizer = build_tokenizer(rc.model) if task.modality == "text" else None
     model = build_backbone(rc.model, task, tokenizer)
     method = build_method(rc.method)
@@ -188,7 +188,9 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
             rc.data.doc_stride = positions // 4
     backdoor = BackdoorSuite(rc.attack, rc.defense, task, seed=rc.seed or 0)
     if task.modality == "image":
-        dm = ImageClassificationDataModule(task, rc.data, model.config.image_size, model.config.num_channels, seed=rc.seed or 0)
+        dm = ImageClassificationDataModule(
+            task, rc.data, model.config.image_size, model.config.num_channels, seed=rc.seed or 0, model_path=rc.model.name_or_path
+        )
     else:
         dm = TextClassificationDataModule(
             task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path, attack=backdoor.poisoner
@@ -233,10 +235,13 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         metrics.update(values)
         if task.head == "qa":
             files.write_json(f"predictions/{split}.json", predictions)  # the official {id: answer} file
-        else:
+        elif predictions:
             files.write_predictions(split, predictions)
     for split in dm.test_splits:  # a diagnostic set with labels (AX-b, AX-g) is scored as test/<metric>
-        if task.base and dm.labelled(split):
+        if task.head == "causal_lm":  # a language model's test text is scored like its validation text
+            values, _ = evaluate(module, dm, split, prefix="test/")
+            metrics.update(with_score(values, task, prefix="test/"))
+        elif task.base and dm.labelled(split):
             values, predictions = evaluate(module, dm, split, prefix="test/")
             metrics.update(with_score(values, task, prefix="test/"))
             files.write_predictions(split, predictions)
@@ -246,7 +251,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         if hasattr(cb, "final_evaluation"):
             metrics.update(cb.final_evaluation(module, dm, files))
     files.write_json("metrics.json", metrics)
-    for split in dm.test_splits:
+    for split in dm.test_splits if task.head != "causal_lm" else ():
         if task.builder == "record":  # the best candidate entity per query
             _, rows = evaluate(module, dm, split, prefix="test/")
             ordered = [r["prediction"] for r in rows]
@@ -267,6 +272,7 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         "method": rc.method.name,
         "model": rc.model.name_or_path or f"random:{rc.model.arch.get('model_type')}",
         "task": task.name,
+        "val_score": metrics.get("val/score"),  # the headline quality, next to the size figures
         **accounting,
         **structure_report(callbacks, module),
         **backdoor.summary(),

@@ -100,3 +100,20 @@ def assert_same_outputs_and_exits(reloaded, trained, ids, threshold: float) -> N
     b = early_exit_forward(trained, {"input_ids": ids}, threshold)
     assert a.exit_layer.tolist() == b.exit_layer.tolist()
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+
+
+def assert_same_run(a: Path, b: Path, plan: bool = True) -> None:
+    """Runs ``a`` and ``b`` (an uninterrupted one and a resumed one) ended the same: bit-identical weights
+    in ``last.ckpt``, the same metrics and, with ``plan``, the same exported pruning plan."""
+    import json
+
+    import torch
+
+    if plan:
+        assert json.loads((a / "export" / "pruning_plan.json").read_text()) == json.loads((b / "export" / "pruning_plan.json").read_text())
+    wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
+    assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())

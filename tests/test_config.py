@@ -20,7 +20,8 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    cfg = compose_run([f"{group}={option}"], tmp_path)
+    own_folder = group == "data" and option == "images/folder"  # any folder of images, none shipped
+    cfg = compose_run([f"{group}={option}", *([f"data.data_dir={tmp_path}"] if own_folder else [])], tmp_path)
     rc = validate(cfg)
     assert isinstance(rc, RunConfig)
     if group == "method":

@@ -125,3 +125,17 @@ def test_optimizer_state_follows_sliced_parameters():
     torch.testing.assert_close(got["exp_avg_sq"], old_state["exp_avg_sq"][rows][:, cols])
     assert torch.equal(got["step"], old_state["step"])
     torch.testing.assert_close(lin.weight.detach(), old_w.detach()[rows][:, cols])
+
+
+def test_kv_cache_bytes_count_key_and_value_widths_and_shrink_with_units(tmp_path):
+    from lightmods.structure.kv_cache import kv_cache_bytes, kv_cache_bytes_per_token
+
+    model, _, _ = build("tiny_llama", "full_ft", tmp_path)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    full = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # fp32
+    assert kv_cache_bytes_per_token(model) == full
+    assert kv_cache_bytes(model, seq_len=10, batch_size=3) == 30 * full
+    apply_plan(model, PruningPlan(heads={0: [1]}))  # layer 0 keeps one of its two key/value heads
+    assert kv_cache_bytes_per_token(model) == full - 2 * head_dim * 4
+    assert kv_cache_bytes_per_token(model, bytes_per_value=2) == (full - 2 * head_dim * 4) // 2

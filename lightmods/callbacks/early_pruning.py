@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import lightning as L
 import torch
 
-from lightmods.callbacks.meters import ThroughputMeter
+from lightmods.callbacks.meters import ThroughputMeter, time_inference, validation_batches
 from lightmods.peft import adapter_layers
 from lightmods.structure import PruningPlan, blocks, get_gates, refresh_training_state
 from lightmods.structure.importance import output_ratio, rank_taylor
@@ -245,50 +244,13 @@ class EarlyPruning(L.Callback):
             f"{self.report['params_trainable_before']:,}", f"{self.report['params_trainable_after']:,}", self.report["heads_kept_per_layer"],
         )  # fmt: skip
 
-    @torch.no_grad()
     def _time_inference(self, trainer, pl_module) -> dict:
-        """Inference samples/s (and peak GPU memory) over the first validation batches."""
-        n = self.c.inference_batches
-        dm = trainer.datamodule
-        if n == 0 or dm is None:
-            return {}
-        loader = dm.val_dataloader()
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        batches = []
-        for i, batch in enumerate(loader):
-            if i >= n:
-                break
-            batches.append({k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        if not batches:
-            return {}
+        """Inference samples/s (and peak GPU memory) over the first validation batches, without gates."""
+        batches = validation_batches(trainer, pl_module, self.c.inference_batches)
         gates = get_gates(pl_module.model)
         if gates is not None:  # time the model as it will serve: without gate multiplications
             gates.detach_hooks()
-        was_training = pl_module.training
-        pl_module.eval()
-        cuda = pl_module.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-        with trainer.precision_plugin.forward_context():
-            pl_module(batches[0])  # warm-up
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for b in batches:
-                pl_module(b)
-            if cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        pl_module.train(was_training)
+        out = time_inference(trainer, pl_module, batches)
         if gates is not None:
             gates.attach(blocks(pl_module.model))
-        samples = sum(int(b["input_ids"].shape[0]) for b in batches)
-        out = {"inference_samples_per_s": round(samples / seconds, 3)}
-        weights = sum(p.numel() * p.element_size() for p in pl_module.model.parameters())
-        out["model_memory_mb"] = round(weights / 2**20, 2)
-        if cuda:
-            out["inference_peak_memory_mb"] = round(
-                torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1
-            )
         return out

@@ -54,3 +54,52 @@ class ThroughputMeter(L.Callback):
     @property
     def samples_per_s(self) -> float | None:
         return self.samples / self.seconds if self.seconds > 0 else None
+
+
+def validation_batches(trainer, pl_module, n: int) -> list[dict]:
+    """The first ``n`` validation batches of the trainer's DataModule, on the module's device."""
+    dm = trainer.datamodule
+    if n == 0 or dm is None:
+        return []
+    loader = dm.val_dataloader()
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    batches = []
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        batches.append({k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return batches
+
+
+@torch.no_grad()
+def time_inference(trainer, pl_module, batches: list[dict]) -> dict:
+    """Inference samples/s of ``pl_module`` in eval mode over ``batches`` (one warm-up pass first), the
+    weights' memory and, on CUDA, the peak memory. Structural methods call it before and after pruning
+    on the same batches, so the two figures compare like with like."""
+    if not batches:
+        return {}
+    was_training = pl_module.training
+    pl_module.eval()
+    cuda = pl_module.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(pl_module.device)
+    with trainer.precision_plugin.forward_context():
+        pl_module(batches[0])  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for b in batches:
+            pl_module(b)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    pl_module.train(was_training)
+    first = next(k for k in ("input_ids", "pixel_values", "labels") if k in batches[0])
+    samples = sum(int(b[first].shape[0]) for b in batches)
+    out = {"inference_samples_per_s": round(samples / seconds, 3)}
+    weights = sum(p.numel() * p.element_size() for p in pl_module.model.parameters())
+    out["model_memory_mb"] = round(weights / 2**20, 2)
+    if cuda:
+        out["inference_peak_memory_mb"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1)
+    return out

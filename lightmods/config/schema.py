@@ -68,7 +68,9 @@ class DemoDataConfig:
 @dataclass
 class ImageDataConfig:
     """The generated image task (``images/synthetic``): class patterns (stripes, checkers) with random period,
-    phase and amplitude plus Gaussian noise. ``size``/``channels``: null takes the model's."""
+    phase and amplitude plus Gaussian noise. ``size``/``channels``: null takes the model's.
+    ``mean``/``std``: per-channel normalisation of images read from folders (``images/folder``); null takes
+    the model's ``preprocessor_config.json`` when its folder has one, else 0.5 (ViT's image processor)."""
 
     num_train: int = 512
     num_val: int = 256
@@ -76,6 +78,8 @@ class ImageDataConfig:
     channels: int | None = None
     noise: float = 0.5
     seed: int = 1234
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     def __post_init__(self):
         checks.positive("data.image.num_train", self.num_train)
@@ -83,6 +87,29 @@ class ImageDataConfig:
         checks.positive("data.image.size", self.size, allow_none=True)
         checks.positive("data.image.channels", self.channels, allow_none=True)
         checks.non_negative("data.image.noise", self.noise)
+        if self.std is not None and (not self.std or any(v <= 0 for v in self.std)):
+            raise config_error("data.image.std", list(self.std), "null or a list of numbers > 0 (one, or one per channel)")
+        if self.mean is not None and not self.mean:
+            raise config_error("data.image.mean", list(self.mean), "null or a list of numbers (one, or one per channel)")
+
+
+@dataclass
+class LMDataConfig:
+    """Causal language-modelling tasks (``data=lm/...``): which files and field hold the text."""
+
+    text_field: str = "text"  # the jsonl / hub column with the documents
+    train_file: str | None = None  # file names in data.data_dir; null = the task's defaults
+    validation_file: str | None = None
+    test_file: str | None = None
+    holdout: float = 0.1  # share of documents held out for validation when there is no validation file
+    hub_path: str | None = None  # data.source=hub for lm/text: any hub dataset with a text column
+    hub_config: str | None = None
+
+    def __post_init__(self):
+        if not self.text_field:
+            raise config_error("data.lm.text_field", self.text_field, "a non-empty field name")
+        if not 0 < self.holdout < 1:
+            raise config_error("data.lm.holdout", self.holdout, "a share strictly between 0 and 1")
 
 
 @dataclass
@@ -107,6 +134,7 @@ class DataConfig:
     null_score_diff_threshold: float = 0.0
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     image: ImageDataConfig = field(default_factory=ImageDataConfig)
+    lm: LMDataConfig = field(default_factory=LMDataConfig)
 
     def __post_init__(self):
         from lightmods.data.tasks import TASKS

@@ -26,6 +26,13 @@ CACHE_VERSION = 1  # bump when builders change what they produce
 EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions", "candidate", "poisoned")
 
 
+def _files_stat(folder: str | None) -> list:
+    """Name, size and modification time of each file in ``folder``: a cache key that changes with the files."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in Path(folder).iterdir() if p.is_file())
+
+
 class EncodedDataset(Dataset):
     """Tokenised rows (lists of ids) with their label and row position."""
 
@@ -109,7 +116,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.tokenizer_id = tokenizer_id or getattr(tokenizer, "name_or_path", "")
         self.raw: dict[str, list[dict]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
-        self.collator = Collator(tokenizer, task.is_regression)
+        if task.head == "causal_lm":
+            from lightmods.data.lm import LMCollator
+
+            self.collator = LMCollator(tokenizer)
+        else:
+            self.collator = Collator(tokenizer, task.is_regression)
         # A method's own composition of training batches (GS-LoRA: retained + forgotten rows per step):
         # ``train_batch_sampler(dataset)`` -> a batch sampler; None = shuffled batches of ``batch_size``.
         self.train_batch_sampler = None
@@ -136,6 +148,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         cfg = self.cfg
         if cfg.source == "generated":
             return {"demo": [cfg.demo.num_train, cfg.demo.num_val, cfg.demo.seed]}
+        if self.task.head == "causal_lm":  # which files and field, and the share held out
+            return {"lm": [cfg.source, cfg.data_dir and str(Path(cfg.data_dir).resolve()), _files_stat(cfg.data_dir),
+                           cfg.lm.train_file, cfg.lm.validation_file, cfg.lm.test_file, cfg.lm.text_field, cfg.lm.holdout,
+                           cfg.lm.hub_path or self.task.hub_path, cfg.lm.hub_config or self.task.hub_config]}  # fmt: skip
         if cfg.source == "local":
             path = local_file(self._split_task(split), cfg.data_dir, split)
             stat = path.stat() if path else None
@@ -154,6 +170,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise config_error("data.source", cfg.source, f"one of {', '.join(task.sources)} for data.task={task.name!r}")
         if cfg.source == "generated":
             return generate_demo(cfg.demo.num_train, cfg.demo.num_val, cfg.demo.seed).get(split)
+        if task.head == "causal_lm":
+            from lightmods.data.lm import read_lm_hub, read_lm_local
+
+            return read_lm_local(task, cfg, split) if cfg.source == "local" else read_lm_hub(task, cfg, split)
         if cfg.source == "local":
             return read_local_split(task, cfg.data_dir, split)
         return read_hub_split(task, split)
@@ -166,6 +186,11 @@ class TextClassificationDataModule(L.LightningDataModule):
                 missing = [c for c in needed if c not in row]
                 if missing:
                     raise DataError(f"{self.task.name}/{split} row {i}: missing column(s) {missing}; expected {list(needed)}")
+            return
+        if self.task.head == "causal_lm":  # documents: text only
+            for i, row in enumerate(rows):
+                if not isinstance(row.get("text"), str):
+                    raise DataError(f"{self.task.name}/{split} row {i}: no text")
             return
         needed = (*self.task.text_fields, "label", "idx")
         labelled = not split.startswith("test")
@@ -205,6 +230,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             return EncodedDataset(torch.load(path, weights_only=True))
         if self.task.head == "qa":
             features = self._encode_qa(split, rows)
+        elif self.task.head == "causal_lm":
+            from lightmods.data.lm import encode_lm
+
+            features = encode_lm(rows, split, self.tokenizer, self.cfg.max_length)
         else:
             features = encode(self.task, rows, split, self.tokenizer, self.cfg.max_length)
         if path is not None:

@@ -151,8 +151,9 @@ def headline_keys(task: TaskSpec, prefix: str = "val/") -> list[str]:
 
 def with_score(values: dict[str, float], task: TaskSpec, prefix: str = "val/") -> dict[str, float]:
     """Add ``<prefix>score``: the mean of the task's headline metrics (GLUE averages a task's metrics and
-    MNLI's matched/mismatched; SQuAD averages EM and F1; breakdowns such as HasAns are not averaged)."""
-    own = [values[k] for k in headline_keys(task, prefix) if k in values]
+    MNLI's matched/mismatched; SQuAD averages EM and F1; breakdowns such as HasAns are not averaged).
+    The score is higher-is-better everywhere: lower-is-better metrics (perplexity) enter negated."""
+    own = [-values[k] if k.startswith(f"{prefix}perplexity") else values[k] for k in headline_keys(task, prefix) if k in values]
     return {**values, f"{prefix}score": sum(own) / len(own)} if own else dict(values)
 
 
@@ -163,6 +164,10 @@ def build_metrics(task: TaskSpec, data_cfg=None, prefix: str = "val/", suffix: s
         from lightmods.data.record_metrics import RecordMetrics
 
         return RecordMetrics(task, prefix=prefix, suffix=suffix, sync=sync)
+    if task.head == "causal_lm":
+        from lightmods.data.lm import Perplexity
+
+        return Perplexity(task, prefix=prefix, suffix=suffix, sync=sync)
     if task.head != "qa":
         return TaskMetrics(task, prefix=prefix, suffix=suffix, sync=sync)
     from lightmods.data.qa_metrics import SquadMetrics

@@ -50,7 +50,7 @@ class TaskSpec:
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None and self.head != "qa"
+        return self.label_names is None and self.head not in ("qa", "causal_lm")
 
     @property
     def modality(self) -> str:
@@ -154,6 +154,22 @@ _TASKS = [
     # Images: a generated pattern-classification task (no download) for image classifiers (ViT)
     TaskSpec(name="images/synthetic", benchmark="images", text_fields=(), label_names=SYNTHETIC_PATTERNS,
              metrics=("accuracy",), sources=("generated",), head="image_cls", builder="image"),
+    # Images from local folders (data.data_dir with train/<class>/* and val/<class>/*): the class names are
+    # the sorted folder names, set when the run starts (lightmods.data.images.resolve_task)
+    TaskSpec(name="images/folder", benchmark="images", text_fields=(), label_names=(), metrics=("accuracy",),
+             sources=("local",), head="image_cls", builder="image_folder"),
+    # Causal language modelling: documents cut into blocks of data.max_length tokens, scored by perplexity
+    # (val/score = -perplexity, so higher is better as for every other task). See lightmods/data/lm.py.
+    TaskSpec(name="lm/text", benchmark="lm", text_fields=("text",), label_names=None, metrics=("perplexity",),
+             sources=("hub", "local"), head="causal_lm", builder="lm", local_format="lm",
+             local_files={"train": ("train.txt", "train.jsonl"),
+                          "validation": ("validation.txt", "valid.txt", "validation.jsonl", "val.jsonl"),
+                          "test": ("test.txt", "test.jsonl")}),
+    TaskSpec(name="lm/wikitext2", benchmark="lm", text_fields=("text",), label_names=None, metrics=("perplexity",),
+             head="causal_lm", builder="lm", hub_path="Salesforce/wikitext", hub_config="wikitext-2-raw-v1",
+             hub_splits={"train": "train", "validation": "validation", "test": "test"}, local_format="lm",
+             local_files={"train": ("wiki.train.raw", "wiki.train.tokens"), "validation": ("wiki.valid.raw", "wiki.valid.tokens"),
+                          "test": ("wiki.test.raw", "wiki.test.tokens")}),
     # Extractive QA
     TaskSpec(
         name="qa/squad", benchmark="qa", text_fields=("question", "context"), label_names=None,

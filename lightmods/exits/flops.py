@@ -36,11 +36,16 @@ class FlopsProfile:
     layers: list[LayerShape] = field(default_factory=list)
     embedding_rank: int | None = None
     pooler: bool = True  # a dense H x H pooler before the final classifier
+    pooler_out: int | None = None  # the pooler's output width when it differs from ``hidden`` (hidden pruning)
     exit_start: int | None = None  # first layer with an exit head (None: no exits)
+    lm_vocab: int = 0  # a causal LM's output projection (H -> vocabulary) runs on every token instead of a head
 
     @classmethod
     def from_model(cls, model: nn.Module) -> FlopsProfile:
         """The model as it is now (pruned shapes, factorised embedding, exits)."""
+        from lightmods.peft.layer import AdapterLayer
+        from lightmods.structure.hidden import hidden_width
+
         cfg = model.config
         layers = []
         for b in blocks(model):
@@ -49,13 +54,17 @@ class FlopsProfile:
             layers.append(LayerShape(q, kv, b.num_neurons, len(b.layout.ffn_in)))
         pooler = getattr(model.base_model, "pooler", None)
         dense = getattr(pooler, "dense", None) if pooler is not None else None
-        has_pooler = isinstance(dense, nn.Linear) or not isinstance(
-            getattr(model, "classifier", None), nn.Linear
-        )
+        linear = (nn.Linear, AdapterLayer)  # a pooler may carry an adapter (LoRA on every dense layer)
+        has_pooler = isinstance(dense, linear) or not isinstance(getattr(model, "classifier", None), nn.Linear)
+        width = hidden_width(model)  # the residual width now: pruned hidden channels leave the config as it was
+        dense = dense if isinstance(dense, linear) else getattr(getattr(model, "classifier", None), "dense", None)
+        pooler_out = dense.out_features if isinstance(dense, linear) and dense.out_features != width else None
         heads = get_exits(model)
+        lm_head = getattr(model, "lm_head", None)
         return cls(
-            hidden=cfg.hidden_size, num_labels=cfg.num_labels, layers=layers, embedding_rank=embedding_rank(model),
-            pooler=has_pooler, exit_start=heads.start if heads is not None else None,
+            hidden=width, num_labels=cfg.num_labels, layers=layers, embedding_rank=embedding_rank(model),
+            pooler=has_pooler, pooler_out=pooler_out, exit_start=heads.start if heads is not None else None,
+            lm_vocab=lm_head.out_features if isinstance(lm_head, nn.Linear) else 0,
         )  # fmt: skip
 
     @classmethod
@@ -85,13 +94,18 @@ class FlopsProfile:
         return 2.0 * self.hidden * self.num_labels
 
     def final_head(self) -> float:
-        return (2.0 * self.hidden * self.hidden if self.pooler else 0.0) + self.exit_head()
+        if not self.pooler:
+            return self.exit_head()
+        out = self.pooler_out or self.hidden  # the classifier reads the pooler's output
+        return 2.0 * self.hidden * out + 2.0 * out * self.num_labels
 
     def sample(self, n: int, exit_layer: int | None = None, exits_evaluated: bool = True) -> float:
         """FLOPs for one sample of ``n`` tokens leaving at ``exit_layer`` (default: the last layer)."""
         n_layers = len(self.layers)
         k = n_layers if exit_layer is None else int(exit_layer)
         total = self.embedding(n) + sum(self.layer(i, n) for i in range(k))
+        if self.lm_vocab:
+            return total + 2.0 * n * self.hidden * self.lm_vocab
         if exits_evaluated and self.exit_start is not None:
             total += self.exit_head() * max(0, min(k, n_layers - 1) - self.exit_start + 1)
         return total + (self.final_head() if k == n_layers else 0.0)

@@ -1,6 +1,23 @@
 """Every method as a ``method=<name>`` option. Importing this package registers them all."""
 
-from lightmods.methods import adapter, cost_eff, full_ft, gs_lora, light_peft, lora, loretta, moslora, s2ft  # noqa: F401  (registration)
+from lightmods.methods import (  # noqa: F401  (registration)
+    adapter,
+    cost_eff,
+    evit,
+    full_ft,
+    gs_lora,
+    light_peft,
+    lora,
+    loretta,
+    mask_prune,
+    moslora,
+    pat,
+    quant,
+    s2ft,
+    spt,
+    transact,
+    wid,
+)
 from lightmods.methods.base import (
     METHODS,
     AdapterMethod,

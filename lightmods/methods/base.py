@@ -54,6 +54,10 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # True for a parameter-free change of the model (e.g. EViT's token reorganisation): the prepared
+    # model's weights are the plain model's, so it is exported as a plain transformers model and
+    # ``lightmods.export.load_export`` re-applies ``prepare`` from the saved run config.
+    export_reapplies: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -76,6 +80,11 @@ class Method:
 
         remove_gates(model)
         return apply_plan(model, plan)
+
+    def lr_of(self, param_name: str) -> float | None:
+        """A learning rate of its own for the model parameter ``param_name`` (e.g. masks or compactors
+        faster than the weights), or None for ``method.lr``. The run's schedule scales both alike."""
+        return None
 
     def task_weight(self, step: int) -> float:
         """Weight of the task loss at optimizer step ``step`` (staged objectives change it, e.g. COST-EFF)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
@@ -29,7 +30,9 @@ HEAD_CLASSES = {
     "multiple_choice": AutoModelForSequenceClassification,  # one score per (row, choice), see TaskModule
     "qa": AutoModelForQuestionAnswering,
     "image_cls": AutoModelForImageClassification,
+    "causal_lm": AutoModelForCausalLM,
 }
+ENCODER_ONLY_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "deberta", "deberta-v2", "electra", "distilbert")
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -83,6 +86,11 @@ def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokeni
     if cfg.init == "random" and (cfg.arch.get("model_type") in IMAGE_MODEL_TYPES) != (task.modality == "image"):
         kind = "an image classifier (model_type " + ", ".join(IMAGE_MODEL_TYPES) + ")" if task.modality == "image" else "a text model"
         raise config_error("model.arch.model_type", cfg.arch.get("model_type"), f"{kind} for data.task={task.name!r}")
+    if task.head == "causal_lm":
+        model_type = cfg.arch.get("model_type") if cfg.init == "random" else _pretrained_type(cfg)
+        if model_type in ENCODER_ONLY_TYPES:
+            raise config_error("model", f"{cfg.name_or_path or model_type} ({model_type})",
+                               f"a decoder-only model (e.g. model=tiny_llama) for the causal LM task data.task={task.name!r}")  # fmt: skip
     if task.head == "multiple_choice":
         head_kwargs["num_labels"] = 1
     elif task.head in ("seq_cls", "image_cls"):
@@ -111,6 +119,14 @@ def build_backbone(cfg: ModelConfig, task: TaskSpec, tokenizer: PreTrainedTokeni
             model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     return model
+
+
+def _pretrained_type(cfg: ModelConfig) -> str | None:
+    """``model_type`` of a pretrained model's config (None when it cannot be read here: loading reports it)."""
+    try:
+        return AutoConfig.from_pretrained(resolve_path(cfg.name_or_path), revision=cfg.revision).model_type
+    except (OSError, ValueError, ConfigError):
+        return None
 
 
 def model_max_positions(model: nn.Module) -> int | None:

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.config.schema import OptimConfig
+from lightmods.data.lm import next_token_nll
 from lightmods.data.metrics import eval_task, split_metrics, with_score
 from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "structure_gates.")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "structure_gates.", "pat_hsm.")
 
 
 def _lr_lambda(scheduler: str, warmup: int, total: int):
@@ -86,6 +87,8 @@ class TaskModule(L.LightningModule):
         if self.task.head == "qa":  # (batch, length, 2): start and end scores per token
             return torch.stack([out.start_logits, out.end_logits], dim=-1)
         logits = out.logits
+        if self.task.head == "causal_lm":  # (batch, length, vocab)
+            return logits
         if self.task.head == "multiple_choice":  # one score per (row, choice) -> (rows, choices)
             logits = logits.view(-1, self.task.num_choices)
         return logits
@@ -95,6 +98,8 @@ class TaskModule(L.LightningModule):
             start = F.cross_entropy(logits[..., 0].float(), labels[:, 0], ignore_index=-100)
             end = F.cross_entropy(logits[..., 1].float(), labels[:, 1], ignore_index=-100)
             return (start + end) / 2
+        if self.task.head == "causal_lm":
+            return next_token_nll(logits, labels)
         if self.task.is_regression:
             keep = labels != -100
             return F.mse_loss(logits.squeeze(-1).float()[keep], labels.float()[keep])
@@ -139,12 +144,22 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
+        own_lr: dict[tuple[float, bool], list] = {}  # parameters a method gives a learning rate of their own
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+                is_decay = not any(k in name for k in NO_DECAY)
+                lr = self.method.lr_of(name) if self.method is not None else None
+                if lr is not None:
+                    own_lr.setdefault((float(lr), is_decay), []).append(p)
+                else:
+                    (decay if is_decay else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups += [
+            {"params": ps, "weight_decay": self.optim.weight_decay if d else 0.0, "lr": lr}
+            for (lr, d), ps in own_lr.items()
         ]
         opt = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=self.lr, betas=tuple(self.optim.betas), eps=self.optim.eps

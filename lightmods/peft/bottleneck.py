@@ -34,9 +34,11 @@ class BottleneckAdapter(AdapterLayer):
         return base_out + self.adapter_up(self.adapter_act(self.adapter_down(base_out)))
 
     def select_adapter_features(self, out_index, in_index) -> None:
-        # The adapter reads the base output: input columns of the base layer can go, output rows cannot.
+        # The adapter reads and writes the base output: input columns of the base layer concern it not; output
+        # rows (hidden-channel pruning) go from its down projection's input and its up projection's output.
         if out_index is not None:
-            raise NotImplementedError("a bottleneck adapter's output (the hidden size) cannot be pruned")
+            select_linear(self.adapter_down, in_index=out_index)
+            select_linear(self.adapter_up, out_index=out_index)
 
     def rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter_down.weight, self.adapter_up.weight

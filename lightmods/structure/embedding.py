@@ -34,7 +34,9 @@ def word_embedding_owner(model: nn.Module) -> tuple[nn.Module, str]:
     base = getattr(model, "base_model", model)
     for owner_name, attr in (("embeddings", "word_embeddings"), ("", "embed_tokens")):
         owner = getattr(base, owner_name, None) if owner_name else base
-        if owner is not None and isinstance(getattr(owner, attr, None), (nn.Embedding, FactorizedEmbedding)):
+        emb = getattr(owner, attr, None) if owner is not None else None
+        # a wrapper that keeps its embedding as ``base_layer`` (method=quant's QuantEmbedding) counts too
+        if isinstance(getattr(emb, "base_layer", emb), (nn.Embedding, FactorizedEmbedding)):
             return owner, attr
     raise ValueError(f"no word embedding found in a {type(model).__name__}")
 

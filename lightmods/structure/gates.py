@@ -3,7 +3,8 @@
 A gate multiplies the input of the attention output projection per unit (the same as scaling that unit's
 attention probabilities, since the gate is a scalar per head) and the input of the FFN down projection per
 neuron (the post-activation intermediate output). Hooks, not modified modeling code, so any family with a
-block layout gets them and SDPA/flash attention keep working.
+block layout gets them and SDPA/flash attention keep working. An optional gate over the hidden dimension,
+shared by all layers, acts on the residual stream (see ``hidden_gate.py`` for where and why it is exact).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ GATES_ATTR = "structure_gates"
 
 
 class StructureGates(nn.Module):
-    """One gate vector per layer for attention units and one for FFN neurons, initialised to 1."""
+    """One gate vector per layer for attention units and one for FFN neurons, initialised to 1; with
+    ``hidden_sites``, one more vector over the hidden dimension shared by every layer."""
 
-    def __init__(self, model_blocks: list[Block], heads: bool = True, neurons: bool = True):
+    def __init__(self, model_blocks: list[Block], heads: bool = True, neurons: bool = True, hidden_sites=None):
         super().__init__()
         ref = model_blocks[0].linear(model_blocks[0].layout.key).weight
         ones = lambda n: nn.Parameter(torch.ones(n, dtype=torch.float32, device=ref.device))  # noqa: E731
         self.heads = nn.ParameterList([ones(b.num_units) for b in model_blocks]) if heads else None
         self.neurons = nn.ParameterList([ones(b.num_neurons) for b in model_blocks]) if neurons else None
+        self._hidden_sites = hidden_sites  # a plain attribute: the hooked modules are not submodules of the gates
+        self.hidden = ones(ref.shape[1]) if hidden_sites is not None else None
         self._handles: list = []
 
     def attach(self, model_blocks: list[Block]) -> None:
@@ -35,6 +39,10 @@ class StructureGates(nn.Module):
             if self.neurons is not None:
                 hook = _neuron_gate(self.neurons, i)
                 self._handles.append(block.linear(block.layout.ffn_out).register_forward_pre_hook(hook))
+        if self.hidden is not None:
+            from lightmods.structure.hidden_gate import attach_hidden_gate
+
+            self._handles += attach_hidden_gate(self.hidden, self._hidden_sites)
 
     def detach_hooks(self) -> None:
         for h in self._handles:
@@ -44,6 +52,8 @@ class StructureGates(nn.Module):
     def l1(self) -> torch.Tensor:
         """Sum of absolute gate values over all layers (the official code's L1 term: a sum, not a mean)."""
         terms = [p.abs().sum() for group in (self.heads, self.neurons) if group is not None for p in group]
+        if self.hidden is not None:
+            terms.append(self.hidden.abs().sum())
         return torch.stack(terms).sum()
 
 
@@ -65,9 +75,14 @@ def _neuron_gate(gates: nn.ParameterList, layer: int):
     return hook
 
 
-def add_gates(model: nn.Module, heads: bool = True, neurons: bool = True) -> StructureGates:
+def add_gates(model: nn.Module, heads: bool = True, neurons: bool = True, hidden: bool = False) -> StructureGates:
     model_blocks = blocks(model)
-    gates = StructureGates(model_blocks, heads=heads, neurons=neurons)
+    sites = None
+    if hidden:
+        from lightmods.structure.hidden_gate import hidden_sites
+
+        sites = hidden_sites(model)
+    gates = StructureGates(model_blocks, heads=heads, neurons=neurons, hidden_sites=sites)
     gates.attach(model_blocks)
     setattr(model, GATES_ATTR, gates)
     return gates

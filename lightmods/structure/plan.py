@@ -1,9 +1,26 @@
 """A pruning decision as data: which attention units, FFN neurons, adapter modules and adapter ranks stay,
-and (optionally) the rank of a low-rank factorised word embedding.
+(optionally) the rank of a low-rank factorised word embedding, and (optionally) which hidden (residual-stream)
+channels stay.
 
 Indices always refer to the *original* model, so a plan applies to a freshly built model (resume, export
 reload) and plans of successive pruning rounds compose with :meth:`PruningPlan.then`. An index list that is
 a permutation of all indices reorders instead of pruning (S2FT's co-permutation uses the same path).
+
+Hidden channels (``hidden``, PAT, WID, mask pruning): ``apply_plan`` slices every place the residual width
+lives (see ``lightmods/structure/hidden.py`` for the list): embeddings, q/k/v and FFN-in input columns,
+attention-out and FFN-out rows, block norms, the final/embedding norm, the heads' input columns (tied
+embeddings stay tied); key/value widths and the KV cache are unchanged, ``model.config`` still describes the
+original model. What is exact:
+
+- RMS-norm (pre-norm, LLaMA-style) models: if the removed channels are exactly zero in the residual stream
+  (zero embedding columns and zero attention-out / FFN-out rows on them, adapters included), the model sliced
+  with ``rescale_rms=True`` gives the same outputs (RMS-norm weights times ``sqrt(d/d')``, epsilon times
+  ``d/d'``: the mean of squares over ``d'`` channels is ``d/d'`` times the one over ``d``).
+- LayerNorm (post-norm BERT/RoBERTa) models: the sliced model equals the original one in which every
+  LayerNorm computes its mean and variance over the kept channels only and outputs zero on the removed
+  ones (its weight and bias zero there), i.e. the residual stream is zero on the removed channels at every
+  place it is produced (the embedding and block LayerNorms). A plain channel mask does not give that: a
+  LayerNorm over all channels mixes the removed ones into its statistics. ``rescale_rms`` does nothing here.
 """
 
 from __future__ import annotations
@@ -25,6 +42,8 @@ class PruningPlan:
     removed_adapters: list[str] = field(default_factory=list)  # adapter layers unwrapped to their base
     ranks: dict[str, list[int]] = field(default_factory=dict)  # adapter layer -> kept ranks
     embedding_rank: int | None = None  # word embedding -> Embedding(V, r) + Linear(r -> H) (SVD); None: as is
+    hidden: list[int] | None = None  # kept residual channels; None: the hidden width is untouched
+    rescale_rms: bool = False  # with ``hidden``: RMS norms rescaled so zero-channel removal is exact
 
     def to_dict(self) -> dict:
         d = {
@@ -35,6 +54,9 @@ class PruningPlan:
         }
         if self.embedding_rank is not None:  # only when set: plans without it read and compare as before
             d["embedding_rank"] = int(self.embedding_rank)
+        if self.hidden is not None:  # likewise only when set
+            d["hidden"] = list(map(int, self.hidden))
+            d["rescale_rms"] = bool(self.rescale_rms)
         return d
 
     @classmethod
@@ -45,6 +67,8 @@ class PruningPlan:
             removed_adapters=list(d.get("removed_adapters", [])),
             ranks={k: list(v) for k, v in d.get("ranks", {}).items()},
             embedding_rank=d.get("embedding_rank"),
+            hidden=list(d["hidden"]) if d.get("hidden") is not None else None,
+            rescale_rms=bool(d.get("rescale_rms", False)),
         )
 
     def then(self, later: PruningPlan) -> PruningPlan:
@@ -56,6 +80,13 @@ class PruningPlan:
                 out[k] = [first[k][i] for i in idx] if k in first else list(idx)
             return out
 
+        if self.hidden is not None and later.hidden is not None and self.rescale_rms != later.rescale_rms:
+            raise ValueError("cannot compose hidden-channel plans with and without RMS-norm rescaling")
+        if later.hidden is None:
+            hidden, rescale = self.hidden, self.rescale_rms
+        else:
+            hidden = [self.hidden[i] for i in later.hidden] if self.hidden is not None else list(later.hidden)
+            rescale = later.rescale_rms
         return PruningPlan(
             heads=chain(self.heads, later.heads),
             neurons=chain(self.neurons, later.neurons),
@@ -64,6 +95,8 @@ class PruningPlan:
                 {k: v for k, v in self.ranks.items() if k not in later.removed_adapters}, later.ranks
             ),
             embedding_rank=later.embedding_rank if later.embedding_rank is not None else self.embedding_rank,
+            hidden=hidden,
+            rescale_rms=rescale,
         )
 
     def kept_per_layer(self, model_blocks: list[Block]) -> dict:
@@ -138,4 +171,8 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         from lightmods.structure.embedding import factorize_embedding
 
         factorize_embedding(model, plan.embedding_rank)
+    if plan.hidden is not None:  # after the factorisation: its projection's rows are hidden channels
+        from lightmods.structure.hidden import select_hidden
+
+        select_hidden(model, plan.hidden, rescale_rms=plan.rescale_rms)
     return model

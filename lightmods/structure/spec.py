@@ -1,4 +1,4 @@
-"""Architecture specs: where attention heads and FFN neurons live in each supported model family.
+"""Architecture specs: where attention heads, FFN neurons and hidden channels live in each supported family.
 
 Every structural method (Light-PEFT, S2FT, COST-EFF, TransAct, ...) reads blocks through this one spec, so
 adding a family here makes all of them work on it.
@@ -29,6 +29,11 @@ class BlockLayout:
     attn_out: str
     ffn_in: tuple[str, ...]  # projections whose output rows are FFN neurons (up, and gate for GLU)
     ffn_out: str  # projection whose input columns are FFN neurons
+    # Where the residual stream (hidden channels) lives outside q/k/v/FFN-in columns and attn/FFN-out rows:
+    norms: tuple[str, ...] = ()  # in-block norms over the hidden width (relative to the block)
+    embeddings: tuple[str, ...] = ()  # embedding tables whose columns are hidden channels (relative to the base model)
+    base_norms: tuple[str, ...] = ()  # norms over the hidden width outside the blocks (relative to the base model)
+    stream_readers: tuple[str, ...] = ()  # heads reading the last hidden state (name suffixes in the task model)
 
 
 ENCODER_LAYOUT = BlockLayout(
@@ -39,6 +44,12 @@ ENCODER_LAYOUT = BlockLayout(
     attn_out="attention.output.dense",
     ffn_in=("intermediate.dense",),
     ffn_out="output.dense",
+    norms=("attention.output.LayerNorm", "output.LayerNorm"),  # post-LN: these produce the residual stream
+    embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
+    base_norms=("embeddings.LayerNorm",),
+    # BERT's pooler (its output is not the stream: the classifier after it keeps its width), RoBERTa's
+    # classification head, span heads.
+    stream_readers=("pooler.dense", "classifier.dense", "qa_outputs"),
 )
 
 DECODER_LAYOUT = BlockLayout(
@@ -49,7 +60,14 @@ DECODER_LAYOUT = BlockLayout(
     attn_out="self_attn.o_proj",
     ffn_in=("mlp.gate_proj", "mlp.up_proj"),
     ffn_out="mlp.down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),  # pre-norm: the stream itself is never normalised
+    embeddings=("embed_tokens",),
+    base_norms=("norm",),
+    stream_readers=("score", "lm_head", "qa_outputs"),
 )
+
+# Readers of the residual stream any family may carry: exit classifiers after each layer (``exits``).
+COMMON_STREAM_READERS = (r"re:(.*\.)?exit_heads\.heads\.\d+\.linear",)
 
 LAYOUTS = {"bert": ENCODER_LAYOUT, "roberta": ENCODER_LAYOUT, "llama": DECODER_LAYOUT}
 
