@@ -86,6 +86,11 @@ class Method:
         faster than the weights), or None for ``method.lr``. The run's schedule scales both alike."""
         return None
 
+    def decays(self, param_name: str) -> bool:
+        """Whether AdamW's weight decay applies to ``param_name`` beyond the run's no-decay names (biases,
+        norms, gates); a method opts its structural parameters out (WID's compactors)."""
+        return True
+
     def task_weight(self, step: int) -> float:
         """Weight of the task loss at optimizer step ``step`` (staged objectives change it, e.g. COST-EFF)."""
         return 1.0

@@ -260,6 +260,10 @@ class Wid(Method):
     def lr_of(self, param_name: str) -> float | None:
         return self.config.compactor_lr if param_name in self.compactor_params else None
 
+    def decays(self, param_name: str) -> bool:
+        """Compactors shrink by WID's own L2 rule on masked channels only; decay would shrink kept ones too."""
+        return param_name not in self.compactor_params
+
     def task_weight(self, step: int) -> float:
         return self.config.hard_weight
 

@@ -18,7 +18,7 @@ from lightmods.data.tasks import TaskSpec
 from lightmods.methods.base import LossTerm
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "structure_gates.", "pat_hsm.")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "structure_gates.", "pat_hsm.", "quantizer.alpha")
 
 
 def _lr_lambda(scheduler: str, warmup: int, total: int):
@@ -147,7 +147,7 @@ class TaskModule(L.LightningModule):
         own_lr: dict[tuple[float, bool], list] = {}  # parameters a method gives a learning rate of their own
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                is_decay = not any(k in name for k in NO_DECAY)
+                is_decay = not any(k in name for k in NO_DECAY) and (self.method is None or self.method.decays(name))
                 lr = self.method.lr_of(name) if self.method is not None else None
                 if lr is not None:
                     own_lr.setdefault((float(lr), is_decay), []).append(p)

@@ -92,8 +92,9 @@ def load_quantized(path: str | Path, run_config: dict) -> nn.Module:
                 numel *= s
             codes = unpack_codes(tensors[name + CODES], m["bits"], numel).view(m["shape"])
             weight = model.get_submodule(name).weight
-            scale = tensors[name + SCALE].to(getattr(torch, m["dtype"]))
-            weight.copy_(dequantize(codes.to(weight.dtype), scale, m["bits"]))
+            dtype = getattr(torch, m["dtype"])  # dequantize as training did (bf16-true: in bf16), then store
+            scale = tensors[name + SCALE].to(dtype)
+            weight.copy_(dequantize(codes.to(dtype), scale, m["bits"]).to(weight.dtype))
             loaded.add(id(weight))
     params = dict(model.named_parameters(remove_duplicate=False))
     state = model.state_dict()
