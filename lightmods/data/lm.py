@@ -11,7 +11,6 @@ evaluated splits keep it (padded, the padding not scored), so every evaluated to
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lightmods.data.readers import json_objects
 from lightmods.data.tasks import TaskSpec
 from lightmods.errors import ConfigError, DataError, config_error
 
@@ -39,19 +39,11 @@ def read_lm_file(path: Path, text_field: str) -> list[dict]:
     if suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
         raise DataError(f"{path}: not a text ({', '.join(TEXT_SUFFIXES)}) or jsonl ({', '.join(JSONL_SUFFIXES)}) file")
     texts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if suffix in TEXT_SUFFIXES:
-                texts.append(line.rstrip("\n"))
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(raw, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(raw).__name__}")
+    if suffix in TEXT_SUFFIXES:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    else:
+        for lineno, raw in json_objects(path):
             if text_field not in raw:
                 raise DataError(f"{path}:{lineno}: no field {text_field!r} (data.lm.text_field); fields: {sorted(raw)}")
             if not isinstance(raw[text_field], str):

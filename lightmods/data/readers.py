@@ -168,8 +168,9 @@ def _record_rows(raw: dict, task: TaskSpec, where: str) -> list[dict]:
     return rows
 
 
-def read_jsonl(path: Path, task: TaskSpec, split: str) -> list[dict]:
-    rows: list[dict] = []
+def json_objects(path: Path):
+    """``(line number, object)`` for each non-blank line of a jsonl file; a line that is not a JSON object
+    stops with the file, line and problem."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -180,11 +181,17 @@ def read_jsonl(path: Path, task: TaskSpec, split: str) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(raw, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(raw).__name__}")
-            for row in _normalise_superglue(raw, task, f"{path}:{lineno}", split):
-                missing = [f for f in task.text_fields if f not in row]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: missing field(s) {missing}; {task.name} rows need {list(task.text_fields)}")
-                rows.append(row)
+            yield lineno, raw
+
+
+def read_jsonl(path: Path, task: TaskSpec, split: str) -> list[dict]:
+    rows: list[dict] = []
+    for lineno, raw in json_objects(path):
+        for row in _normalise_superglue(raw, task, f"{path}:{lineno}", split):
+            missing = [f for f in task.text_fields if f not in row]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing field(s) {missing}; {task.name} rows need {list(task.text_fields)}")
+            rows.append(row)
     return rows
 
 
