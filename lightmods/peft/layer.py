@@ -29,7 +29,20 @@ def select_linear(linear: nn.Linear, out_index: torch.Tensor | None = None, in_i
         linear.in_features = len(in_index)
 
 
-class AdapterLayer(nn.Module):
+class LinearShape:
+    """``in_features`` / ``out_features`` of the wrapped ``base_layer``, for modules that stand in for an
+    ``nn.Linear`` (adapter, quantized and compacted layers)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
+class AdapterLayer(LinearShape, nn.Module):
     """A trainable addition to a base linear layer.
 
     Subclasses implement :meth:`adapter_forward` (what the adapter adds to the base output) and, when the
@@ -45,14 +58,6 @@ class AdapterLayer(nn.Module):
             raise TypeError(f"{type(self).__name__} wraps nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:

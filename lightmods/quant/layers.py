@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.peft.inject import _parent, inject_adapters
+from lightmods.peft.layer import LinearShape
 from lightmods.quant.quantizer import WeightQuantizer
 
 
@@ -39,21 +40,13 @@ class QuantLayer(nn.Module):
         return self.quantizer.codes(self.base_layer.weight)
 
 
-class QuantLinear(QuantLayer):
+class QuantLinear(LinearShape, QuantLayer):
     """``y = x Q(W)^T + b``."""
 
     def __init__(self, base_layer: nn.Linear, quantizer: WeightQuantizer):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"QuantLinear wraps nn.Linear, got {type(base_layer).__name__}")
         super().__init__(base_layer, quantizer)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     @property
     def bias(self) -> torch.Tensor | None:

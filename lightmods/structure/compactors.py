@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightmods.peft.inject import _parent
+from lightmods.peft.layer import LinearShape
 from lightmods.structure.plan import PruningPlan, unit_rows
 from lightmods.structure.spec import Block, blocks
 
 
-class CompactedLinear(nn.Module):
+class CompactedLinear(LinearShape, nn.Module):
     """``R (W (C x) + b)`` around a kept base ``nn.Linear`` (its parameters keep their ``base_layer.`` names)."""
 
     def __init__(self, base: nn.Linear):
@@ -39,14 +40,6 @@ class CompactedLinear(nn.Module):
         ref = base.weight
         self.row = nn.Parameter(torch.eye(base.out_features, dtype=ref.dtype, device=ref.device))
         self.col = nn.Parameter(torch.eye(base.in_features, dtype=ref.dtype, device=ref.device))
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.base_layer(F.linear(x, self.col)), self.row)
