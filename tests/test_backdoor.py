@@ -192,6 +192,52 @@ def test_max_entropy_schedule():
     assert torch.equal(term(None, {}, logits), max_entropy_loss(logits))
 
 
+def test_low_loss_selection_trains_its_rows_on_max_entropy_instead_of_cross_entropy():
+    """select=low_loss: the gradient of CE + term equals that of CE on the unselected rows plus weight * L_ME on
+    the ``ceil(ratio * n)`` lowest-loss rows (ignored labels never chosen), all over n labelled rows."""
+    from lightmods.losses.max_entropy import lowest_loss_rows, max_entropy_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 3, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -100, 2])
+    ce = F.cross_entropy(logits.detach(), labels, ignore_index=-100, reduction="none")
+    chosen = lowest_loss_rows(ce, labels != -100, 0.25)  # ceil(0.25 * 9) = 3 rows
+    assert int(chosen.sum()) == 3 and not bool(chosen[8])
+    assert set(torch.nonzero(chosen).flatten().tolist()) == set(torch.argsort(torch.where(labels != -100, ce, torch.inf))[:3].tolist())
+    term = max_entropy_term(2.0, select="low_loss", select_ratio=0.25, start_step=1)
+    assert (term.weight_at(0), term.weight_at(1)) == (0.0, 1.0)  # the schedule phases the substitution in
+    total = F.cross_entropy(logits, labels, ignore_index=-100) + term(None, {"labels": labels}, logits)
+    (got,) = torch.autograd.grad(total, logits)
+    keep = (labels != -100) & ~chosen
+    expected_loss = (F.cross_entropy(logits[keep], labels[keep], reduction="sum") + 2.0 * max_entropy_rows(logits[chosen]).sum()) / 9
+    (expected,) = torch.autograd.grad(expected_loss, logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert float(got[chosen].abs().sum()) > 0 and float(got[8].abs().sum()) == 0
+    with pytest.raises(ValueError, match="select='top'"):
+        max_entropy_term(1.0, select="top")
+
+
+def test_max_entropy_alone_keeps_a_confident_trigger_and_low_loss_selection_removes_it():
+    """Why select=all cannot lower ASR: minimising -log p_t + w (-H(p)) over a 2-class row keeps p_t > 0.5 for
+    any weight; the same row trained on w * L_ME alone (low_loss) goes to p_t = 0.5."""
+    for w in (1.0, 5.0, 20.0):
+        z = torch.zeros(1, 2, requires_grad=True)
+        opt = torch.optim.SGD([z], lr=0.02)
+        for _ in range(3000):
+            opt.zero_grad()
+            (F.cross_entropy(z, torch.tensor([0])) + w * max_entropy_loss(z)).backward()
+            opt.step()
+        assert 0.5 < float(z.softmax(-1)[0, 0]) < 0.99
+    z = torch.tensor([[3.0, -3.0]], requires_grad=True)
+    opt = torch.optim.SGD([z], lr=0.5)
+    term = max_entropy_term(1.0, select="low_loss", select_ratio=1.0)
+    for _ in range(400):
+        opt.zero_grad()
+        (F.cross_entropy(z, torch.tensor([0])) + term(None, {"labels": torch.tensor([0])}, z)).backward()
+        opt.step()
+    assert abs(float(z.softmax(-1)[0, 0]) - 0.5) < 1e-3
+
+
 # ---------------------------------------------------------------- gradient control
 
 
@@ -396,6 +442,8 @@ def test_every_attack_and_defense_option_composes_and_validates(group, option, t
         (["attack=badnets", "data=glue/stsb"], "attack.name='badnets' is not accepted"),
         (["defense=max_entropy", "defense.weight=-1"], "defense.weight=-1"),
         (["defense=max_entropy", "defense.form=kl"], "defense.form='kl'"),
+        (["defense=max_entropy", "defense.select=random"], "defense.select='random'"),
+        (["defense=max_entropy", "defense.select_ratio=0"], "defense.select_ratio=0"),
         (["attack.clean_tune_steps=5"], "attack.clean_tune_steps=5"),
     ],
 )
@@ -446,10 +494,11 @@ def test_poisoned_data_gets_its_own_cache_entries(run_cfg, tmp_path):
     assert dm.datasets["train"].features["input_ids"] == clean_dm.datasets["train"].features["input_ids"]
 
 
-def test_badnets_with_max_entropy_writes_cacc_and_asr(run_cfg, tmp_path):
+@pytest.mark.parametrize("select", ["all", "low_loss"])
+def test_badnets_with_max_entropy_writes_cacc_and_asr(run_cfg, tmp_path, select):
     cfg = run_cfg(
         "data=backdoor/sst2", f"data.data_dir={BACKDOOR / 'clean/sst-2'}", f"data.cache_dir={tmp_path / 'cache'}",
-        "attack=badnets", "attack.poison_rate=0.2", "defense=max_entropy", "defense.weight=0.5",
+        "attack=badnets", "attack.poison_rate=0.2", "defense=max_entropy", "defense.weight=0.5", f"defense.select={select}",
     )  # fmt: skip
     metrics = train(cfg)
     out = Path(cfg.paths.output_dir)

@@ -80,6 +80,41 @@ def test_binary_masks_equal_the_extracted_model(model):
     assert masked.abs().sum() > 0
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny_llama"])
+def test_real_valued_masks_are_folded_into_the_extracted_weights(model):
+    """Surviving gates with real values (heads and neurons in (0.2, 1.5), kept hidden channels at one value):
+    the extracted model equals the masked one with the pruned gates at 0, through the callback's copy and
+    through the live restructure alike; ``fold_masks=false`` (survivors as 1) does not."""
+    from lightmods.callbacks.mask_prune import MaskPruning
+
+    gated, method = prepared(model)
+    gates = get_gates(gated)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in [*gates.heads, *gates.neurons]:
+            p.copy_(0.2 + 1.3 * torch.rand(p.shape, generator=g))
+            p[torch.rand(p.shape, generator=g) > 0.6] = 0.01
+            p[0] = 0.9
+        gates.hidden.copy_(torch.where(torch.rand(32, generator=g) > 0.3, 0.7, 0.01))
+        gates.hidden[0] = 0.7
+    plan = plan_at_threshold(gates, blocks(gated), 0.05)
+    assert plan.hidden is not None and len(plan.hidden) < 32
+    batch = ids_for(model)
+    with torch.no_grad():
+        for p in [*gates.heads, *gates.neurons, gates.hidden]:  # the pruned structures' gates to exactly 0
+            p[p.abs() <= 0.05] = 0.0
+        masked = gated(**batch).logits
+        extracted = method.restructure(MaskPruning(method.config, method)._extraction_copy(gated, "cpu"), plan).eval()
+        unfolded = method.restructure(bare_copy(gated, "cpu"), plan).eval()
+        torch.testing.assert_close(extracted(**batch).logits, masked, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(unfolded(**batch).logits, masked, rtol=1e-4, atol=1e-5)  # survivors reset to 1: another model
+        method.restructure(gated, plan)  # the live model (mid-fit): folded, gates gone
+        assert get_gates(gated) is None
+        torch.testing.assert_close(gated.eval()(**batch).logits, masked, rtol=1e-4, atol=1e-5)
+    _, off = prepared(model, "method.fold_masks=false")
+    assert off.config.fold_masks is False
+
+
 @pytest.mark.parametrize("scope", ["global", "per_kind"])
 def test_thresholds_give_the_requested_sizes(scope):
     gated, method = prepared("tiny")

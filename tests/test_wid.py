@@ -107,7 +107,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from lightmods.config import validate  # noqa: E402
 from lightmods.errors import ConfigError  # noqa: E402
 from lightmods.export import load_checkpoint_model, load_export, rebuild_model  # noqa: E402
-from lightmods.methods.wid import get_state, kept_at_round, mask_round, shrink_masked_grads_  # noqa: E402
+from lightmods.methods.wid import get_state, kept_at_round, mask_round, masked_residual, shrink_masked_grads_  # noqa: E402
 from lightmods.run import train  # noqa: E402
 from tests.conftest import assert_same_run, compose_run, crash_at_epoch  # noqa: E402
 
@@ -162,7 +162,7 @@ def test_gradient_on_masked_entries_is_the_l2_penalty_and_adam_sees_lambda_w():
 
 
 def test_masks_shrink_progressively_to_the_target_and_the_default_schedule_fits_the_run():
-    from lightmods.callbacks.wid import WidTraining
+    from lightmods.callbacks.wid import WidTraining, shrink_start
 
     assert [kept_at_round(384, 192, k, 16) for k in (0, 1, 8, 16, 20)] == [384, 372, 288, 192, 192]
     model, method = wid_model("tiny", "method.target_ratio=0.25")
@@ -175,9 +175,21 @@ def test_masks_shrink_progressively_to_the_target_and_the_default_schedule_fits_
         assert all(int(n.sum()) == kept_at_round(64, 16, k, 4) and bool((n <= o).all()) for n, o in zip(masks.neurons, previous.neurons))
         previous = masks
     assert int(previous.hidden.sum()) == 8 and [int(u.sum()) for u in previous.units] == [1, 1]
-    for total in (12, 300, 1000):  # w_step null: every round comes by mask_end of the run
+    assert masked_residual(model, previous) == pytest.approx(1.0)  # identity rows/columns: norm 1 each
+    zero_masked_(model, previous)
+    assert masked_residual(model, previous) == 0.0
+    assert method.config.shrink_window == 200  # 2 / (l2_lambda 20 x compactor_lr 5e-4)
+    for total, last in ((12, 1), (300, 96), (1000, 496)):  # w_step null: every round by mask_end, and 200 steps before the merge
         w_step, rounds, merge_at = WidTraining(method.config, method).schedule(total)
-        assert merge_at == total and w_step * rounds <= total // 2 and rounds == min(16, total // 2)
+        assert merge_at == total and w_step * rounds == last and rounds == min(16, last)
+        assert w_step * rounds <= total // 2 and (total - last >= 200 or rounds == 1)
+    _, method = wid_model("tiny", "method.shrink_steps=0", "method.compactor_lr=1e-3")
+    assert method.config.shrink_window == 0 and WidTraining(method.config, method).schedule(300) == (9, 16, 300)
+    _, method = wid_model("tiny", "method.compactor_lr=1e-3", "method.merge_step=250")
+    assert method.config.shrink_window == 100 and WidTraining(method.config, method).schedule(300) == (7, 16, 250)
+    linear = lambda t: 1 - t / 300  # noqa: E731  (linear decay to 0 at step 300: the mass left from s is (300 - s)^2 / 600)
+    assert shrink_start(300, 100, linear) == 55 and shrink_start(300, 1000, linear) == 0 and shrink_start(300, 100, lambda t: 1.0) == 200
+    assert WidTraining(method.config, method).schedule(300, linear) == (3, 16, 250)  # merge at 250: (250 - s) ... mass >= 100
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +201,7 @@ def runs(tmp_path_factory):
     for model in ("tiny", "tiny_llama"):
         train(compose_run([f"model={model}", *FAST, "method=full_ft", "trainer.max_steps=2"], root / f"teacher_{model}"))
     out["tiny"] = ["model=tiny", *FAST, "method=wid", f"method.teacher={root / 'teacher_tiny' / 'export'}", "trainer.max_epochs=3",
-                   "method.merge_step=6", "method.inference_batches=1"]  # fmt: skip
+                   "method.merge_step=6", "method.inference_batches=1", "method.shrink_steps=0"]  # fmt: skip
     train(compose_run(out["tiny"], root / "tiny"))
     llama = ["model=tiny_llama", *FAST, "method=wid", f"method.teacher={root / 'teacher_tiny_llama' / 'export'}", "trainer.max_epochs=2",
              "method.inference_batches=1"]  # fmt: skip
@@ -210,6 +222,8 @@ def test_end_to_end_merges_into_a_smaller_dense_student_that_reloads_identically
     assert s["flops_per_sample_after"] < s["flops_per_sample_before"] and s["speedup_inference"] > 0
     assert (s["kv_cache_bytes_per_token_after"] < s["kv_cache_bytes_per_token_before"]) if decoder else s["kv_cache_bytes_per_token_before"] is None
     assert s["hidden_after"] == s["hidden_before"] // 2 and s["params_final"] == s["params_after"]
+    assert s["mask_rounds"] == (3 if run == "tiny" else 1)  # llama: the 200-step shrink window does not fit, all at step 1
+    assert 0.5 < s["masked_residual"] < 1.1  # a few steps of shrinking leave most of the norm (hence the warning)
     rows = (out / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     kept = [float(r.split(",")[header.index("train/wid_hidden_kept")]) for r in rows[1:] if r.split(",")[header.index("train/wid_hidden_kept")]]
@@ -239,7 +253,7 @@ def test_resume_before_and_after_the_merge_is_exact(runs, monkeypatch, epoch):
 @pytest.mark.parametrize(
     "override,key",
     [("method.target_ratio=0", "method.target_ratio"), ("method.target_ratio=1.5", "method.target_ratio"),
-     ("method.l2_lambda=0.5", "method.l2_lambda"), ("method.w_step=0", "method.w_step"), ("method.compactor_lr=-1", "method.compactor_lr"),
+     ("method.l2_lambda=0.5", "method.l2_lambda"), ("method.w_step=0", "method.w_step"), ("method.shrink_steps=-1", "method.shrink_steps"), ("method.compactor_lr=-1", "method.compactor_lr"),
      ("method.mask_end=0", "method.mask_end")],
 )  # fmt: skip
 def test_bad_configs_name_the_key(override, key):

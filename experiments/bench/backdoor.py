@@ -1,12 +1,15 @@
 """The backdoor suite on MiniLM, with LoRA and with full fine-tuning, in one table.
 
     python experiments/bench/backdoor.py [--steps 200] [--clean-tune-steps 200] [--methods lora,full_ft]
-        [--attacks badnets,addsent,style] [--me-weight 1.0] [--poison-rate 0.1] [--max-train-samples N]
+        [--attacks badnets,addsent,style] [--me-weight 1.0] [--me-select all,low_loss] [--me-ratio 0.1]
+        [--poison-rate 0.1] [--max-train-samples N]
         [--max-length 64] [--batch-size 32] [--seed 42] [--out experiments/bench/results/backdoor.md]
 
 1. Data poisoning with and without the maximum-entropy defense: for each method and attack, CACC (clean dev
    accuracy) and ASR (triggered non-target dev rows predicted as the target), ``defense=none`` vs
-   ``defense=max_entropy``; the clean run (``attack=none``) gives the reference CACC.
+   ``defense=max_entropy`` (for each ``--me-select``: ``all`` rows, or the ``low_loss`` selection that trains the
+   lowest-loss ``--me-ratio`` of each batch on the entropy term instead of cross-entropy); the clean run
+   (``attack=none``) gives the reference CACC.
 2. Backdoor forgetting: the attacker injects BadNets through the trainable parameters for ``--steps`` steps,
    the user fine-tunes them on the clean training rows for ``--clean-tune-steps`` steps; ASR after both, for a
    plain two-task injection (``gradient_control`` with both strategies off) and with gradient control.
@@ -78,6 +81,8 @@ def main() -> None:
     p.add_argument("--methods", default="lora,full_ft")
     p.add_argument("--attacks", default="badnets,addsent,style")
     p.add_argument("--me-weight", type=float, default=1.0, help="defense.weight of the maximum-entropy term")
+    p.add_argument("--me-select", default="all", help="defense.select values to run, comma-separated: all, low_loss")
+    p.add_argument("--me-ratio", type=float, default=0.1, help="defense.select_ratio of the low_loss selection")
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-length", type=int, default=64)
@@ -91,7 +96,8 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "logs" / "bench_backdoor"))
     p.add_argument("--out", default=str(ROOT / "experiments" / "bench" / "results" / "backdoor.md"))
     args = p.parse_args()
-    methods, attacks = args.methods.split(","), args.attacks.split(",")
+    methods, attacks, selects = args.methods.split(","), args.attacks.split(","), args.me_select.split(",")
+    defenses = ["none", *(f"max_entropy-{sel}" for sel in selects)]
     started = time.perf_counter()
 
     def attack_overrides(a: str) -> list[str]:
@@ -105,11 +111,16 @@ def main() -> None:
     poisoning: dict = {}
     for m in methods:
         for a in ["none", *attacks]:
-            for d in ("none", "max_entropy"):
-                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a), f"defense={d}"]
-                if d == "max_entropy":
-                    extra.append(f"defense.weight={args.me_weight}")
-                poisoning[m, a, d] = run(f"{m}-{a}-{d}", args, extra)
+            for d in defenses:
+                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a), f"defense={d.split('-')[0]}"]
+                name = f"{m}-{a}-{d}"
+                if d != "none":
+                    sel = d.split("-", 1)[1]
+                    extra += [f"defense.weight={args.me_weight}", f"defense.select={sel}"]
+                    if sel == "low_loss":
+                        extra.append(f"defense.select_ratio={args.me_ratio}")
+                    name = f"{m}-{a}-max_entropy" if sel == "all" else f"{m}-{a}-max_entropy-{sel}-{args.me_ratio:g}"
+                poisoning[m, a, d] = run(name, args, extra)
 
     forgetting: dict = {}
     if not args.skip_forgetting:
@@ -138,21 +149,22 @@ def main() -> None:
         f"{args.seed}, CPU. LoRA r=8 on query/value (lr {LR['lora']}), full fine-tuning lr {LR['full_ft']}. Attacks: dirty label, "
         f"poison rate {args.poison_rate}, target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
         'AddSent "I watch this 3D movie" at a random position, style = the shared Bible-style transfer files. '
-        f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`. "
+        f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`; ME (all) adds it on every row, "
+        f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy. "
         "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
         "",
-        "| method | attack | CACC | ASR | CACC with ME | ASR with ME | CACC change |",
-        "|---|---|---|---|---|---|---|",
+        "| method | attack | CACC | ASR | " + " | ".join(f"CACC with ME ({s}) | ASR with ME ({s}) | CACC change ({s})" for s in selects) + " |",
+        "|---|---|---|---|" + "---|---|---|" * len(selects),
     ]
     for m in methods:
         for a in ["none", *attacks]:
-            n, d = (
-                poisoning[m, a, k]["metrics"] if poisoning[m, a, k] else {} for k in ("none", "max_entropy")
-            )
-            delta = f"{100 * (d['val/cacc'] - n['val/cacc']):+.1f}" if n and d else "n/a"
-            lines.append(
-                f"| {m} | {a} | {pct(n.get('val/cacc'))} | {pct(n.get('val/asr'))} | {pct(d.get('val/cacc'))} | {pct(d.get('val/asr'))} | {delta} |"
-            )
+            n = poisoning[m, a, "none"]["metrics"] if poisoning[m, a, "none"] else {}
+            cells = [pct(n.get("val/cacc")), pct(n.get("val/asr"))]
+            for d in defenses[1:]:
+                r = poisoning[m, a, d]["metrics"] if poisoning[m, a, d] else {}
+                delta = f"{100 * (r['val/cacc'] - n['val/cacc']):+.1f}" if n and r else "n/a"
+                cells += [pct(r.get("val/cacc")), pct(r.get("val/asr")), delta]
+            lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
     if forgetting:
         lines += [
             "",

@@ -21,6 +21,7 @@ LABEL_MODES = ("dirty", "clean")
 POSITIONS = ("random", "start", "end")
 DEFENSES = ("none", "max_entropy")
 ME_FORMS = ("entropy", "uniform_ce")
+ME_SELECTIONS = ("all", "low_loss")
 BADNETS_TRIGGERS = [
     "cf",
     "mn",
@@ -167,6 +168,9 @@ class DefenseConfig:
     uniform distribution against ``p``, ``-(1/C) sum_c log p_c``. Schedule: ``lambda(step) = weight`` from
     ``start_step`` on (0 before), ramped linearly over the first ``warmup_steps`` after it, and 0 again from
     ``end_step`` (null: to the end). Steps are optimizer steps of the stage the defense trains in.
+    ``select=all`` (default) adds the term on every row; ``select=low_loss`` trains the ``select_ratio`` share of
+    each batch's rows with the lowest cross-entropy on ``weight * L_ME`` instead of cross-entropy
+    (``lightmods/losses/max_entropy.py`` says why).
     """
 
     name: str = "none"
@@ -176,9 +180,14 @@ class DefenseConfig:
     start_step: int = 0
     warmup_steps: int = 0
     end_step: int | None = None
+    select: str = "all"
+    select_ratio: float = 0.1
 
     def __post_init__(self):
         checks.one_of("defense.name", self.name, DEFENSES)
+        checks.one_of("defense.select", self.select, ME_SELECTIONS)
+        if self.select_ratio is None or not 0 < self.select_ratio <= 1:
+            raise config_error("defense.select_ratio", self.select_ratio, "a number in (0, 1] (the share of each batch's rows)")
         checks.non_negative("defense.weight", self.weight)
         checks.one_of("defense.form", self.form, ME_FORMS)
         checks.positive("defense.temperature", self.temperature)

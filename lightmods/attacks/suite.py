@@ -62,7 +62,7 @@ class BackdoorSuite:
             from lightmods.losses.max_entropy import max_entropy_term
 
             return [
-                max_entropy_term(d.weight, d.form, d.temperature, d.start_step, d.warmup_steps, d.end_step)
+                max_entropy_term(d.weight, d.form, d.temperature, d.start_step, d.warmup_steps, d.end_step, d.select, d.select_ratio)
             ]
         return []
 

@@ -4,7 +4,7 @@ learned masks (each exported with its plan), and go on fine-tuning the ``finetun
 
 Sizes are fractions of the parameters of the model without its masks. For a threshold ``tau`` the kept
 structures are those whose mask has ``|m| > tau`` (at least one attention unit and one FFN neuron per layer
-and one hidden channel stay); the parameter count falls as ``tau`` rises, so the smallest candidate ``tau``
+and one hidden channel stay) and the surviving mask values are folded into the weights (``fold_masks``); the parameter count falls as ``tau`` rises, so the smallest candidate ``tau``
 (a mask value) whose model has at most ``size`` of the parameters is found by bisection, counting the
 parameters of the model sliced on the meta device (exact, no memory). ``threshold_scope=per_kind`` bisects
 instead on the share kept of each kind (units, neurons, hidden channels), one threshold per kind.
@@ -217,7 +217,7 @@ class MaskPruning(L.Callback):
             plan, tau, _, _ = plan_for_size(model, restructure, size, self.c.threshold_scope)
             plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
             plans[size] = plan
-            extracted = restructure(bare_copy(model, device), plan)
+            extracted = restructure(self._extraction_copy(model, device), plan)
             after = self._measure(trainer, pl_module, extracted, batches)
             entry = self._figures(before, after)
             entry.update({"threshold": round(float(tau), 6), **plan.kept_per_layer(blocks(extracted))})
@@ -248,6 +248,15 @@ class MaskPruning(L.Callback):
             "mask_prune extracted at step %d: sizes %s; fine-tuning size %g (%s -> %s parameters)",
             trainer.global_step, list(sizes), size, f"{self.report['params_before']:,}", f"{self.report['params_after']:,}",
         )  # fmt: skip
+
+    def _extraction_copy(self, model: nn.Module, device) -> nn.Module:
+        """A gate-free copy of ``model`` with the mask values folded into its weights (``fold_masks``)."""
+        from lightmods.structure.gates import fold_gates
+
+        clone = bare_copy(model, device)
+        if self.c.fold_masks:
+            fold_gates(clone, get_gates(model))
+        return clone
 
     @staticmethod
     def _figures(before: dict, after: dict) -> dict:

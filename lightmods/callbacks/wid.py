@@ -2,9 +2,14 @@
 
 - ``setup``: the teacher is loaded (``method.teacher``, checked against the student's architecture) and the
   student inherits its weights (compactors stay identity).
-- Schedule: mask round ``k`` (1..R) at optimizer step ``k * w_step``; ``w_step`` null derives it from the run,
-  ``w_step = floor(mask_end * merge_step / R)`` with ``R = min(mask_rounds, mask_end * merge_step)``, so the
-  target is reached at ``mask_end`` of the steps before the merge whatever ``trainer.max_steps`` is.
+- Schedule: mask round ``k`` (1..R) at optimizer step ``k * w_step``; ``w_step`` null derives it from the run:
+  the target is reached by step ``H = min(mask_end * merge_step, S)`` (at least 1), where from step ``S`` the
+  learning rate left until the merge (the run's schedule, warm-up and decay included) is worth ``shrink_steps``
+  full-rate steps; ``R = min(mask_rounds, H)``, ``w_step = floor(H / R)``. So the masked entries of the last
+  round can still shrink before the merge zeroes them, whatever ``trainer.max_steps`` is. A run too
+  short for that is warned about at the start; the merge reports what the zeroing cut (``masked_residual``:
+  root mean square norm of the masked compactor rows/columns, 1 when masked, 0 when fully shrunk) and warns
+  above 0.1.
 - Each optimizer step (``on_before_optimizer_step``, after backward): masked compactor entries get the L2
   penalty in place of their gradient (:func:`shrink_masked_grads_`), or, before the first round, every
   compactor gradient gets ``+ pre_mask_l2 * w``; before each forward the hidden gate follows the masked
@@ -27,11 +32,36 @@ import torch
 
 from lightmods.callbacks.structural import before_after, measure, restructure_mid_fit
 from lightmods.errors import config_error
-from lightmods.methods.wid import add_l2_grads_, get_state, mask_round, masked_share, shrink_masked_grads_
+from lightmods.methods.wid import (
+    add_l2_grads_,
+    get_state,
+    mask_round,
+    masked_residual,
+    masked_share,
+    shrink_masked_grads_,
+)
 from lightmods.structure import PruningPlan
 from lightmods.structure.compactors import zero_masked_
 
 log = logging.getLogger("lightmods")
+
+
+def shrink_start(merge_at: int, window: float, factor) -> int:
+    """The latest step from which the learning rate left until ``merge_at`` (sum of ``factor(t)``) is worth
+    ``window`` full-rate steps (0 if even the whole run is not)."""
+    mass = 0.0
+    for t in range(merge_at - 1, -1, -1):
+        mass += factor(t)
+        if mass >= window:
+            return t
+    return 0
+
+
+def lr_factor(trainer):
+    """The run's learning-rate multiplier per optimizer step (the task module's ``LambdaLR``), constant 1 otherwise."""
+    configs = getattr(trainer, "lr_scheduler_configs", None) or []
+    lambdas = getattr(configs[0].scheduler, "lr_lambdas", None) if configs else None
+    return lambdas[0] if lambdas else (lambda t: 1.0)
 
 
 class WidTraining(L.Callback):
@@ -61,8 +91,9 @@ class WidTraining(L.Callback):
         self.method.teacher = teacher
         log.info("wid: teacher loaded from %s; targets %s", self.c.teacher, self.method.targets)
 
-    def schedule(self, total: int) -> tuple[int, int, int]:
-        """(w_step, rounds, merge step) for a run of ``total`` optimizer steps."""
+    def schedule(self, total: int, lr_factor=None) -> tuple[int, int, int]:
+        """(w_step, rounds, merge step) for a run of ``total`` optimizer steps whose learning rate at step ``t`` is
+        ``lr_factor(t)`` times the configured one (default constant)."""
         c = self.c
         if c.merge_step is not None and c.merge_step > total:
             raise config_error("method.merge_step", c.merge_step, f"null or at most the run's {total} optimizer steps")
@@ -74,14 +105,24 @@ class WidTraining(L.Callback):
                     f"null or at most {merge_at // c.mask_rounds} (w_step x mask_rounds={c.mask_rounds} must come by the merge at step {merge_at})",
                 )  # fmt: skip
             return c.w_step, c.mask_rounds, merge_at
-        horizon = max(1, int(c.mask_end * merge_at))
+        horizon = max(1, min(int(c.mask_end * merge_at), shrink_start(merge_at, c.shrink_window, lr_factor or (lambda t: 1.0))))
         rounds = min(c.mask_rounds, horizon)
         return max(1, horizon // rounds), rounds, merge_at
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.w_step, self.rounds, self.merge_at = self.schedule(int(trainer.estimated_stepping_batches))
-        if not self.done:
-            log.info("wid: %d mask rounds every %d steps, merge at step %d", self.rounds, self.w_step, self.merge_at)
+        factor = lr_factor(trainer)
+        self.w_step, self.rounds, self.merge_at = self.schedule(int(trainer.estimated_stepping_batches), factor)
+        if self.done:
+            return
+        last = self.w_step * self.rounds
+        log.info("wid: %d mask rounds every %d steps (the last at step %d), merge at step %d", self.rounds, self.w_step, last, self.merge_at)
+        left = sum(factor(t) for t in range(last, self.merge_at))
+        if left < self.c.shrink_window:
+            log.warning(
+                "wid: the learning rate left between the last mask round (step %d) and the merge (step %d) is worth %.0f full-rate "
+                "steps, where masked compactor entries need about %d (2 / (l2_lambda x compactor_lr)) to shrink; the merge will cut "
+                "what is left (see masked_residual): train longer, or raise method.compactor_lr", last, self.merge_at, left, self.c.shrink_window,
+            )  # fmt: skip
 
     def _catch_up(self, model, upto: int) -> None:
         state = get_state(model)
@@ -142,6 +183,10 @@ class WidTraining(L.Callback):
             self._catch_up(model, self.rounds)
         masks = state.masks()
         before = self._figures(trainer, pl_module, self.method.teacher)  # the uncompressed architecture
+        residual = masked_residual(model, masks)
+        if residual > 0.1:
+            log.warning("wid: the masked compactor rows/columns still have %.3f of their norm (1 = not shrunk) at the merge, which "
+                        "zeroes them; the student may lose quality (more steps after the last round: see method.shrink_steps)", residual)  # fmt: skip
         zero_masked_(model, masks)
         if state.gate is not None:
             state.gate.copy_(masks.hidden.float())
@@ -156,7 +201,7 @@ class WidTraining(L.Callback):
         self.done = True
         after = self._figures(trainer, pl_module)
         self.report.update({"merged_at_step": trainer.global_step, "w_step": self.w_step, "mask_rounds": self.rounds,
-                            **widths, **before_after(before, after)})  # fmt: skip
+                            "masked_residual": round(residual, 6), **widths, **before_after(before, after)})  # fmt: skip
         figures = {f"wid/{k}": float(v) for k, v in self.report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for lg in trainer.loggers:
             lg.log_metrics(figures, step=trainer.global_step)

@@ -7,8 +7,9 @@ Generative Pre-trained Language Models", Findings of ACL 2023).
    rises linearly over ``l1_warmup_steps``; the objective is distillation from the unpruned fine-tuned
    ``teacher`` (its logits, soft cross-entropy) when one is given, the labels otherwise (``hard_weight``).
 2. *Extraction*: one global threshold on ``|m|`` per requested size (``extract_sizes``: fractions of the
-   model's parameters), found by bisection over the mask values; masks are binarised (survivors count as
-   1) and the model is sliced physically by the structural core (``PruningPlan``: heads, neurons, hidden).
+   model's parameters), found by bisection over the mask values; the surviving mask values are folded into
+   the weights they scale (``fold_masks``; false: survivors count as 1) and the model is sliced physically by
+   the structural core (``PruningPlan``: heads, neurons, hidden).
    Every size is exported to ``<run>/extracted/size_<s>/`` (plan + weights; ``load_export`` reloads it).
 3. *Fine-tuning* of the ``finetune_size`` model for the rest of the run, with the masks fixed (gone):
    logit distillation plus hidden-state ("local") distillation of every block output on the kept channels
@@ -51,6 +52,7 @@ class MaskPruneConfig(MethodConfig):
     threshold_scope: str = "global"  # global: one threshold on all masks | per_kind: one per kind, equal shares
     teacher: str | None = None  # export/ of the fine-tuned unpruned model (same architecture); null: labels
     init_from_teacher: bool = True  # start from the teacher's weights (pruning the fine-tuned model)
+    fold_masks: bool = True  # multiply the surviving mask values into the weights at extraction (false: they become 1)
     temperature: float = 1.0
     kd_weight: float = 1.0  # logit distillation (with a teacher)
     rep_weight: float = 1.0  # hidden-state distillation during fine-tuning (with a teacher)
@@ -101,6 +103,17 @@ class MaskPrune(Method):
 
     def lr_of(self, param_name: str) -> float | None:
         return self.config.mask_lr if "structure_gates." in param_name else None
+
+    def restructure(self, model: nn.Module, plan) -> nn.Module:
+        """Fold the surviving mask values into the weights (``fold_masks``), then drop the gates and slice. On
+        resume and export reload the gates are fresh ones (all 1), so the fold changes nothing there."""
+        from lightmods.structure import get_gates
+        from lightmods.structure.gates import fold_gates
+
+        gates = get_gates(model)
+        if gates is not None and self.config.fold_masks:
+            fold_gates(model, gates)
+        return super().restructure(model, plan)
 
     def task_weight(self, step: int) -> float:
         return self.config.hard_weight if self.config.teacher else 1.0

@@ -23,7 +23,9 @@ teacher's weights through compactors and is distilled without any alignment loss
 
 Defaults for short fine-tuning runs (official values, 400k pre-training steps, in comments): the weights'
 ``lr`` 2e-5 (1e-6) and ``compactor_lr`` 5e-4 (5e-5); with the Adam injection a masked entry moves about
-``l2_lambda * compactor_lr`` = 0.01 per step, so it reaches 0 within ~100 steps.
+``l2_lambda * compactor_lr`` = 0.01 per step at first and slower as Adam's second moment lags, so an identity
+entry needs ~200 steps to reach 0: the derived schedule ends its mask rounds ``shrink_steps`` (default that
+estimate) before the merge, and the merge reports the norm it still cut (``masked_residual``).
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ class WidConfig(MethodConfig):
     prune_hidden: bool = True
     prune_ffn: bool = True
     prune_units: bool = True
-    w_step: int | None = None  # re-masking interval (official 500); null: mask_end * merge step / mask_rounds
+    w_step: int | None = None  # re-masking interval (official 500); null: derived from mask_end and shrink_steps
     mask_rounds: int = 16  # rounds to reach the target (official: 16 increments)
-    mask_end: float = 0.5  # with w_step null: share of the steps before the merge by which the target is reached
+    mask_end: float = 0.5  # with w_step null: share of the steps before the merge by which the target is reached at the latest
+    shrink_steps: int | None = None  # with w_step null: steps kept between the last round and the merge (null: 2 / (l2_lambda * compactor_lr))
     l2_lambda: float = 20.0  # official 20
     adam_inject: bool = True  # the part of l2_lambda * w above w goes into Adam's exp_avg (official)
     pre_mask_l2: float = 1.0  # + pre_mask_l2 * w on every compactor gradient before the first mask (official: + w)
@@ -84,6 +87,7 @@ class WidConfig(MethodConfig):
             raise config_error("method.target_ratio", self.target_ratio, "a number in (0, 1] (the kept share of each width)")
         for key in ("target_hidden", "target_ffn", "target_units", "w_step", "merge_step"):
             checks.positive(f"method.{key}", getattr(self, key), allow_none=True)
+        checks.non_negative("method.shrink_steps", self.shrink_steps, allow_none=True)
         checks.positive("method.mask_rounds", self.mask_rounds)
         if self.mask_end is None or not 0 < self.mask_end <= 1:
             raise config_error("method.mask_end", self.mask_end, "a number in (0, 1]")
@@ -95,6 +99,16 @@ class WidConfig(MethodConfig):
         checks.non_negative("method.inference_batches", self.inference_batches)
         if not (self.prune_hidden or self.prune_ffn or self.prune_units):
             raise config_error("method.prune_hidden", self.prune_hidden, "true when prune_ffn and prune_units are false (something to prune)")
+
+
+    @property
+    def shrink_window(self) -> int:
+        """Steps a masked compactor entry needs to shrink from 1 to about 0: with the Adam injection it moves about
+        ``l2_lambda * compactor_lr`` per step at first and slower as Adam's second moment lags behind, so twice
+        the linear estimate (200 steps at the defaults; the official 500 per round gives ~0.5 per round)."""
+        if self.shrink_steps is not None:
+            return self.shrink_steps
+        return math.ceil(2.0 / (self.l2_lambda * self.compactor_lr))
 
 
 class WidState(nn.Module):
@@ -207,6 +221,18 @@ def shrink_masked_grads_(model: nn.Module, masks: CompactorMasks, lam: float, op
             p.grad[m] = lam * w[m]
         changed += int(m.sum())
     return changed
+
+
+@torch.no_grad()
+def masked_residual(model: nn.Module, masks: CompactorMasks) -> float:
+    """Root mean square of the L2 norms of the masked compactor rows/columns: about 1 when they were masked
+    (identity rows), 0 once the L2 rule has shrunk them; what the merge's zeroing still cuts off."""
+    total, lines = 0.0, 0
+    for p, m in masked_entries(model, masks):
+        m = m.to(p.device)
+        total += float(p.detach()[m].float().pow(2).sum())
+        lines += int(m.all(dim=1).sum()) or int(m.all(dim=0).sum())
+    return math.sqrt(total / lines) if lines else 0.0
 
 
 @torch.no_grad()

@@ -98,3 +98,58 @@ def remove_gates(model: nn.Module) -> None:
     if gates is not None:
         gates.detach_hooks()
         delattr(model, GATES_ATTR)
+
+
+def _weight_of(layer: nn.Module) -> nn.Linear:
+    """The plain linear layer whose weights a gate scales (the base layer of a wrapping adapter)."""
+    return getattr(layer, "base_layer", layer)
+
+
+@torch.no_grad()
+def fold_gates(model: nn.Module, gates: StructureGates) -> list[str]:
+    """Multiply the values of ``gates`` into the weights they scale in ``model`` (the gated model or a gate-free
+    copy of it), so that removing the gates afterwards keeps what the surviving gates did instead of resetting
+    them to 1. Returns the kinds folded.
+
+    Exact for attention units (columns of the attention output projection) and FFN neurons (columns of the
+    FFN output projection). The hidden gate's scaling folds into what writes the residual stream (post-norm:
+    the norms' weight and bias; pre-norm: the embedding columns and the rows and biases of the attention/FFN
+    output projections), while its weighting of the norms' statistics has no plain-weight form: exact when the
+    kept hidden gates share one value, close otherwise. A pre-norm model whose embedding is tied to its output
+    head keeps its hidden gate unfolded (scaling the embedding would scale the head too)."""
+    model_blocks = blocks(model)
+    done = []
+    for i, b in enumerate(model_blocks):
+        if gates.heads is not None:
+            w = _weight_of(b.linear(b.layout.attn_out)).weight
+            g = gates.heads[i].detach().to(w.dtype).repeat_interleave(b.head_dim * b.group)
+            w.mul_(g.to(w.device)[None, :])
+        if gates.neurons is not None:
+            w = _weight_of(b.linear(b.layout.ffn_out)).weight
+            w.mul_(gates.neurons[i].detach().to(w.dtype).to(w.device)[None, :])
+    done += [k for k in ("heads", "neurons") if getattr(gates, k) is not None]
+    if gates.hidden is None:
+        return done
+    from lightmods.structure.hidden_gate import hidden_sites
+
+    m = gates.hidden.detach()
+    sites = hidden_sites(model)
+    if sites.mask_norm_outputs:  # post-norm: the stream is the norms' output
+        for norm in sites.norms:
+            for p in (norm.weight, getattr(norm, "bias", None)):
+                if p is not None:
+                    p.mul_(m.to(p.dtype).to(p.device))
+        return [*done, "hidden"]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tables = [s for s in sites.writers if isinstance(s, nn.Embedding)]
+    if head is not None and any(t.weight is head.weight for t in tables):
+        return done
+    for site in sites.writers:
+        if isinstance(site, nn.Embedding):
+            site.weight.mul_(m.to(site.weight.dtype).to(site.weight.device)[None, :])
+        else:
+            lin = _weight_of(site)
+            lin.weight.mul_(m.to(lin.weight.dtype).to(lin.weight.device)[:, None])
+            if lin.bias is not None:
+                lin.bias.mul_(m.to(lin.bias.dtype).to(lin.bias.device))
+    return [*done, "hidden"]
