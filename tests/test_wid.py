@@ -107,7 +107,15 @@ from omegaconf import OmegaConf  # noqa: E402
 from lightmods.config import validate  # noqa: E402
 from lightmods.errors import ConfigError  # noqa: E402
 from lightmods.export import load_checkpoint_model, load_export, rebuild_model  # noqa: E402
-from lightmods.methods.wid import get_state, kept_at_round, mask_round, masked_residual, shrink_masked_grads_  # noqa: E402
+from lightmods.methods.wid import (  # noqa: E402
+    decay_masked_,
+    decay_rate,
+    get_state,
+    kept_at_round,
+    mask_round,
+    masked_residual,
+    shrink_masked_grads_,
+)
 from lightmods.run import train  # noqa: E402
 from tests.conftest import assert_same_run, compose_run, crash_at_epoch  # noqa: E402
 
@@ -178,24 +186,51 @@ def test_masks_shrink_progressively_to_the_target_and_the_default_schedule_fits_
     assert masked_residual(model, previous) == pytest.approx(1.0)  # identity rows/columns: norm 1 each
     zero_masked_(model, previous)
     assert masked_residual(model, previous) == 0.0
+    assert method.config.shrink_window == 0  # decoupled shrinking fits its rate to what is left
+    for total, last in ((12, 6), (300, 144), (1000, 496)):  # w_step null: every round by mask_end
+        w_step, rounds, merge_at = WidTraining(method.config, method).schedule(total)
+        assert merge_at == total and w_step * rounds == last and rounds == min(16, last) and last <= total // 2
+    _, method = wid_model("tiny", "method.shrink=gradient", "method.compactor_lr=5e-4")
     assert method.config.shrink_window == 200  # 2 / (l2_lambda 20 x compactor_lr 5e-4)
-    for total, last in ((12, 1), (300, 96), (1000, 496)):  # w_step null: every round by mask_end, and 200 steps before the merge
+    for total, last in ((12, 1), (300, 96), (1000, 496)):  # gradient rule: also 200 steps before the merge
         w_step, rounds, merge_at = WidTraining(method.config, method).schedule(total)
         assert merge_at == total and w_step * rounds == last and rounds == min(16, last)
         assert w_step * rounds <= total // 2 and (total - last >= 200 or rounds == 1)
-    _, method = wid_model("tiny", "method.shrink_steps=0", "method.compactor_lr=1e-3")
+    _, method = wid_model("tiny", "method.shrink=gradient", "method.shrink_steps=0", "method.compactor_lr=1e-3")
     assert method.config.shrink_window == 0 and WidTraining(method.config, method).schedule(300) == (9, 16, 300)
-    _, method = wid_model("tiny", "method.compactor_lr=1e-3", "method.merge_step=250")
+    _, method = wid_model("tiny", "method.shrink=gradient", "method.compactor_lr=1e-3", "method.merge_step=250")
     assert method.config.shrink_window == 100 and WidTraining(method.config, method).schedule(300) == (7, 16, 250)
     linear = lambda t: 1 - t / 300  # noqa: E731  (linear decay to 0 at step 300: the mass left from s is (300 - s)^2 / 600)
     assert shrink_start(300, 100, linear) == 55 and shrink_start(300, 1000, linear) == 0 and shrink_start(300, 100, lambda t: 1.0) == 200
     assert WidTraining(method.config, method).schedule(300, linear) == (3, 16, 250)  # merge at 250: (250 - s) ... mass >= 100
 
 
+def test_decoupled_shrinking_decays_masked_entries_outside_adam():
+    model, method = wid_model()
+    masks = mask_round(model, method.target_widths(model), 4, 4)
+    comp = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(comp, lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for p in comp:  # one ordinary step first, so Adam has moments for every entry
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    entries = masked_entries(model, masks)
+    before = [p.detach().clone() for p, _ in entries]
+    for p in comp:
+        p.grad = torch.randn(p.shape, generator=g)
+    rho = decay_rate(10)
+    assert (1 - rho) ** 10 == pytest.approx(0.01) and decay_rate(0) == 1.0
+    assert decay_masked_(model, masks, rho, opt) == sum(int(m.sum()) for _, m in entries)
+    opt.step()
+    for (p, m), b in zip(entries, before):
+        torch.testing.assert_close(p.detach()[m], (1 - rho) * b[m], rtol=1e-6, atol=0)  # exactly the decay: Adam moved them by 0
+        assert not torch.equal(p.detach()[~m], b[~m])  # the kept entries trained
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Teachers (1-2 full_ft steps) and WID runs: tiny with a mid-run merge (step 6 of 12), tiny_llama merging at
-    the end (step 8)."""
+    """Teachers (1-2 full_ft steps) and WID runs: tiny with a mid-run merge (step 6 of 12, decoupled shrinking),
+    tiny_llama merging at the end (step 8, the official gradient rule)."""
     root = tmp_path_factory.mktemp("wid")
     out = {"root": root}
     for model in ("tiny", "tiny_llama"):
@@ -204,7 +239,7 @@ def runs(tmp_path_factory):
                    "method.merge_step=6", "method.inference_batches=1", "method.shrink_steps=0"]  # fmt: skip
     train(compose_run(out["tiny"], root / "tiny"))
     llama = ["model=tiny_llama", *FAST, "method=wid", f"method.teacher={root / 'teacher_tiny_llama' / 'export'}", "trainer.max_epochs=2",
-             "method.inference_batches=1"]  # fmt: skip
+             "method.inference_batches=1", "method.shrink=gradient"]  # fmt: skip
     train(compose_run(llama, root / "llama"))
     return out
 
@@ -222,8 +257,10 @@ def test_end_to_end_merges_into_a_smaller_dense_student_that_reloads_identically
     assert s["flops_per_sample_after"] < s["flops_per_sample_before"] and s["speedup_inference"] > 0
     assert (s["kv_cache_bytes_per_token_after"] < s["kv_cache_bytes_per_token_before"]) if decoder else s["kv_cache_bytes_per_token_before"] is None
     assert s["hidden_after"] == s["hidden_before"] // 2 and s["params_final"] == s["params_after"]
-    assert s["mask_rounds"] == (3 if run == "tiny" else 1)  # llama: the 200-step shrink window does not fit, all at step 1
-    assert 0.5 < s["masked_residual"] < 1.1  # a few steps of shrinking leave most of the norm (hence the warning)
+    if run == "tiny":  # decoupled shrinking: rounds by mask_end, the last round's channels keep 1% at the merge
+        assert s["mask_rounds"] == 3 and 0 < s["masked_residual"] <= 0.0101
+    else:  # the gradient rule's shrink window does not fit 8 steps: all at step 1, and most of the norm is left (warned)
+        assert s["mask_rounds"] == 1 and 0.5 < s["masked_residual"] < 1.1
     rows = (out / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     kept = [float(r.split(",")[header.index("train/wid_hidden_kept")]) for r in rows[1:] if r.split(",")[header.index("train/wid_hidden_kept")]]
@@ -254,10 +291,11 @@ def test_resume_before_and_after_the_merge_is_exact(runs, monkeypatch, epoch):
     "override,key",
     [("method.target_ratio=0", "method.target_ratio"), ("method.target_ratio=1.5", "method.target_ratio"),
      ("method.l2_lambda=0.5", "method.l2_lambda"), ("method.w_step=0", "method.w_step"), ("method.shrink_steps=-1", "method.shrink_steps"), ("method.compactor_lr=-1", "method.compactor_lr"),
+     ("method.shrink=fast", "method.shrink"),
      ("method.mask_end=0", "method.mask_end")],
 )  # fmt: skip
 def test_bad_configs_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "=" + override.split("=")[1]):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "='?" + override.split("=")[1]):
         validate(compose_run(["model=tiny", "method=wid", override], UNUSED))
 
 

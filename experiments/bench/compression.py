@@ -1,7 +1,7 @@
 """Structured compression side by side: TransAct, PAT, WID and mask pruning at 25% and 50% compression.
 
     python experiments/bench/compression.py [--steps 300] [--ratios 0.25,0.5] [--methods transact,pat,wid,mask_prune]
-        [--parts encoder,decoder] [--method-steps wid=100] [--decoder-steps 80] [--wid-compactor-lr 1e-3] [--jobs 2] [--threads 1] [--reuse]
+        [--parts encoder,decoder] [--method-steps wid=100] [--decoder-steps 80] [--wid-compactor-lr 1e-5] [--jobs 2] [--threads 1] [--reuse]
         [--out experiments/bench/results/compression.md]
 
 Encoder part: all-MiniLM-L6-v2 (real weights) on the shared SST-2 (6,920 training sentences, dev 872). The
@@ -56,7 +56,8 @@ def method_overrides(method: str, c: float, args, teacher: Path, steps: int | No
         return ["method=mask_prune", f"method.teacher={teacher}", f"method.extract_sizes=[{keep}]", f"method.finetune_size={keep}",
                 f"method.sparse_steps={steps // 2}"]  # fmt: skip
     if method == "wid":
-        return ["method=wid", f"method.teacher={teacher}", f"method.target_ratio={keep}", f"method.compactor_lr={args.wid_compactor_lr}"]
+        lr = [f"method.compactor_lr={args.wid_compactor_lr}"] if args.wid_compactor_lr else []
+        return ["method=wid", f"method.teacher={teacher}", f"method.target_ratio={keep}", *lr]
     raise SystemExit(f"--methods: {method!r} is not accepted; accepted: transact, pat, wid, mask_prune")
 
 
@@ -175,8 +176,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--shots", type=int, default=2, help="TransAct prune-then-train shots")
     p.add_argument("--method-steps", default="", help="per-method step counts, e.g. 'wid=100' (WID's square compactors cost ~4x a step)")
-    p.add_argument("--wid-compactor-lr", type=float, default=1e-3,
-                   help="WID's compactor learning rate (the masked entries shrink by about 20x it per step; short runs need it above the 5e-4 default)")
+    p.add_argument("--wid-compactor-lr", type=float, default=None, help="WID's compactor learning rate (default: method.compactor_lr)")
     p.add_argument("--decoder-steps", type=int, default=None, help="steps of every decoder compression run (default: as the encoder's)")
     p.add_argument("--jobs", type=int, default=1, help="compression runs at once (each with --threads threads)")
     p.add_argument("--batch-size", type=int, default=32)

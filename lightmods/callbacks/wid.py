@@ -4,16 +4,17 @@
   student inherits its weights (compactors stay identity).
 - Schedule: mask round ``k`` (1..R) at optimizer step ``k * w_step``; ``w_step`` null derives it from the run:
   the target is reached by step ``H = min(mask_end * merge_step, S)`` (at least 1), where from step ``S`` the
-  learning rate left until the merge (the run's schedule, warm-up and decay included) is worth ``shrink_steps``
-  full-rate steps; ``R = min(mask_rounds, H)``, ``w_step = floor(H / R)``. So the masked entries of the last
+  learning rate left until the merge (the run's schedule, warm-up and decay included; plain steps for
+  decoupled shrinking, which does not follow the learning rate) is worth ``shrink_steps`` full-rate steps; ``R = min(mask_rounds, H)``, ``w_step = floor(H / R)``. So the masked entries of the last
   round can still shrink before the merge zeroes them, whatever ``trainer.max_steps`` is. A run too
   short for that is warned about at the start; the merge reports what the zeroing cut (``masked_residual``:
   root mean square norm of the masked compactor rows/columns, 1 when masked, 0 when fully shrunk) and warns
   above 0.1.
-- Each optimizer step (``on_before_optimizer_step``, after backward): masked compactor entries get the L2
-  penalty in place of their gradient (:func:`shrink_masked_grads_`), or, before the first round, every
-  compactor gradient gets ``+ pre_mask_l2 * w``; before each forward the hidden gate follows the masked
-  channels' compactor norms.
+- Each optimizer step (``on_before_optimizer_step``, after backward): masked compactor entries decay by
+  ``1 - rho`` outside the optimizer (``shrink: decoupled``, :func:`decay_masked_`; ``rho`` leaves 1% of the
+  norm of the last round's channels at the merge) or get the L2 penalty in place of their gradient
+  (``shrink: gradient``, :func:`shrink_masked_grads_`); before the first round every compactor gradient gets
+  ``+ pre_mask_l2 * w``; before each forward the hidden gate follows the masked channels' compactor norms.
 - Merge at ``merge_step`` (default the last optimizer step; a run that stops earlier merges when training
   ends): masked entries set to 0, gate set to the 0/1 mask, compactors merged and the kept channels sliced by
   the structural core (``PruningPlan``, in checkpoints and ``export/``). ``summary.json`` gets the shared
@@ -34,6 +35,8 @@ from lightmods.callbacks.structural import before_after, measure, restructure_mi
 from lightmods.errors import config_error
 from lightmods.methods.wid import (
     add_l2_grads_,
+    decay_masked_,
+    decay_rate,
     get_state,
     mask_round,
     masked_residual,
@@ -73,6 +76,7 @@ class WidTraining(L.Callback):
         self.w_step: int | None = None
         self.rounds: int | None = None
         self.merge_at: int | None = None
+        self.rho = 1.0  # decoupled shrinking: per-step decay of masked entries
 
     def state_dict(self) -> dict:
         return {"done": self.done, "report": self.report}
@@ -110,14 +114,17 @@ class WidTraining(L.Callback):
         return max(1, horizon // rounds), rounds, merge_at
 
     def on_train_start(self, trainer, pl_module) -> None:
-        factor = lr_factor(trainer)
+        decoupled = self.c.shrink == "decoupled"
+        factor = (lambda t: 1.0) if decoupled else lr_factor(trainer)
         self.w_step, self.rounds, self.merge_at = self.schedule(int(trainer.estimated_stepping_batches), factor)
+        last = self.w_step * self.rounds
+        self.rho = decay_rate(self.merge_at - last)
         if self.done:
             return
-        last = self.w_step * self.rounds
-        log.info("wid: %d mask rounds every %d steps (the last at step %d), merge at step %d", self.rounds, self.w_step, last, self.merge_at)
+        log.info("wid: %d mask rounds every %d steps (the last at step %d), merge at step %d%s", self.rounds, self.w_step, last, self.merge_at,
+                 f"; masked compactor entries decay by {self.rho:.4f} per step" if decoupled else "")  # fmt: skip
         left = sum(factor(t) for t in range(last, self.merge_at))
-        if left < self.c.shrink_window:
+        if not decoupled and left < self.c.shrink_window:
             log.warning(
                 "wid: the learning rate left between the last mask round (step %d) and the merge (step %d) is worth %.0f full-rate "
                 "steps, where masked compactor entries need about %d (2 / (l2_lambda x compactor_lr)) to shrink; the merge will cut "
@@ -145,6 +152,9 @@ class WidTraining(L.Callback):
         if int(state.rounds) == 0:
             if self.c.pre_mask_l2 > 0:
                 add_l2_grads_(pl_module.model, self.c.pre_mask_l2)
+            return
+        if self.c.shrink == "decoupled":
+            decay_masked_(pl_module.model, state.masks(), self.rho, optimizer)
             return
         shrink_masked_grads_(pl_module.model, state.masks(), self.c.l2_lambda, optimizer if self.c.adam_inject else None)
 

@@ -9,10 +9,13 @@ teacher's weights through compactors and is distilled without any alignment loss
   the compactors' column/row L2 norms; the number masked grows linearly over ``mask_rounds`` rounds to the
   target widths (``target_ratio`` of each width, or explicit ``target_hidden`` / ``target_ffn`` /
   ``target_units``). A channel once masked stays masked.
-- The compactor entries of masked channels get the L2 penalty ``l2_lambda * w`` instead of their gradient
-  (with Adam: the gradient ``w`` and the rest injected into ``exp_avg``, so the first moment sees
-  ``l2_lambda * w`` and the second ``w^2``), so they shrink to 0; the others get their normal gradients;
-  before the first mask every compactor gradient gets ``+ pre_mask_l2 * w``. Masked hidden channels fade out of
+- The compactor entries of masked channels shrink to 0 while the others get their normal gradients; before the
+  first mask every compactor gradient gets ``+ pre_mask_l2 * w``. ``shrink: gradient`` is the official rule:
+  their gradient becomes the L2 penalty ``l2_lambda * w`` (with Adam: the gradient ``w`` and the rest injected
+  into ``exp_avg``, so the first moment sees ``l2_lambda * w`` and the second ``w^2``). ``shrink: decoupled``
+  (default) applies the same L2 shrinking outside Adam, as AdamW decouples weight decay: masked entries leave
+  the optimizer and are multiplied by ``1 - rho`` every step, ``rho`` set so that the last round's entries keep
+  1% of their norm at the merge. Masked hidden channels fade out of
   the residual stream and out of the norms' statistics with their compactors (a 0..1 gate per channel equal
   to the channel's compactor norm relative to its norm when it was masked, ``structure/hidden_gate.py``).
 - The only loss is distillation from the teacher's logits (``hard_weight`` adds the labels).
@@ -21,11 +24,15 @@ teacher's weights through compactors and is distilled without any alignment loss
   (``PruningPlan`` hidden / neurons / heads, saved in checkpoints and ``export/``); a run whose
   ``merge_step`` comes earlier fine-tunes the dense student for the rest. See ``lightmods/callbacks/wid.py``.
 
-Defaults for short fine-tuning runs (official values, 400k pre-training steps, in comments): the weights'
-``lr`` 2e-5 (1e-6) and ``compactor_lr`` 5e-4 (5e-5); with the Adam injection a masked entry moves about
-``l2_lambda * compactor_lr`` = 0.01 per step at first and slower as Adam's second moment lags, so an identity
-entry needs ~200 steps to reach 0: the derived schedule ends its mask rounds ``shrink_steps`` (default that
-estimate) before the merge, and the merge reports the norm it still cut (``masked_residual``).
+Why decoupled by default: Adam moves every compactor entry by about ``compactor_lr`` per step whatever the size
+of its gradient, and the gradient of a square compactor is close to rank one, so one step changes a
+``n x n`` compactor by about ``n * compactor_lr`` in spectral norm (0.15 for MiniLM's 1536-wide FFN
+compactors at 1e-4): in a short fine-tuning run only a small ``compactor_lr`` (1e-5; official 5e-5 over 400k
+pre-training steps) keeps the student the teacher's function, and at that rate the
+official rule needs ``2 / (l2_lambda * compactor_lr)`` = 10,000 steps to shrink a masked entry. At 1e-3
+(the first benchmark) MiniLM's student was at chance after 20 steps, before any channel was masked. With ``shrink: gradient`` the
+derived schedule ends its mask rounds ``shrink_steps`` (default that estimate) before the merge; either way
+the merge reports the norm it still cut (``masked_residual``).
 """
 
 from __future__ import annotations
@@ -53,13 +60,15 @@ from lightmods.structure.compactors import (
 from lightmods.structure.spec import blocks
 
 STATE = "wid_state"
+SHRINK_MODES = ("decoupled", "gradient")
+SHRINK_LEFT = 0.01  # decoupled shrinking: share of its norm a channel masked in the last round keeps at the merge
 
 
 @dataclass
 class WidConfig(MethodConfig):
     name: str = "wid"
     lr: float = 2e-5  # the inherited weights (official 1e-6 over 400k steps)
-    compactor_lr: float = 5e-4  # the compactors (official 5e-5)
+    compactor_lr: float = 1e-5  # the compactors (official 5e-5 over 400k steps; see the module docstring)
     teacher: str | None = None  # export/ of the fine-tuned model (required): weights inherited, logits distilled
     target_ratio: float = 0.5  # kept share of each width (hidden, FFN neurons, attention units)
     target_hidden: int | None = None  # explicit kept widths (override target_ratio for their kind)
@@ -71,9 +80,10 @@ class WidConfig(MethodConfig):
     w_step: int | None = None  # re-masking interval (official 500); null: derived from mask_end and shrink_steps
     mask_rounds: int = 16  # rounds to reach the target (official: 16 increments)
     mask_end: float = 0.5  # with w_step null: share of the steps before the merge by which the target is reached at the latest
-    shrink_steps: int | None = None  # with w_step null: steps kept between the last round and the merge (null: 2 / (l2_lambda * compactor_lr))
-    l2_lambda: float = 20.0  # official 20
-    adam_inject: bool = True  # the part of l2_lambda * w above w goes into Adam's exp_avg (official)
+    shrink: str = "decoupled"  # masked entries -> 0: decoupled (decay outside Adam, 1% left at the merge) | gradient (official L2 gradient rule)
+    shrink_steps: int | None = None  # with w_step null: steps kept between the last round and the merge (null: 0 decoupled, 2 / (l2_lambda * compactor_lr) gradient)
+    l2_lambda: float = 20.0  # shrink=gradient: the masked entries' L2 coefficient (official 20)
+    adam_inject: bool = True  # shrink=gradient: the part of l2_lambda * w above w goes into Adam's exp_avg (official)
     pre_mask_l2: float = 1.0  # + pre_mask_l2 * w on every compactor gradient before the first mask (official: + w)
     merge_step: int | None = None  # null: the last optimizer step (official: after training)
     temperature: float = 1.0
@@ -88,6 +98,8 @@ class WidConfig(MethodConfig):
         for key in ("target_hidden", "target_ffn", "target_units", "w_step", "merge_step"):
             checks.positive(f"method.{key}", getattr(self, key), allow_none=True)
         checks.non_negative("method.shrink_steps", self.shrink_steps, allow_none=True)
+        if self.shrink not in SHRINK_MODES:
+            raise config_error("method.shrink", self.shrink, f"one of {', '.join(SHRINK_MODES)}")
         checks.positive("method.mask_rounds", self.mask_rounds)
         if self.mask_end is None or not 0 < self.mask_end <= 1:
             raise config_error("method.mask_end", self.mask_end, "a number in (0, 1]")
@@ -103,12 +115,13 @@ class WidConfig(MethodConfig):
 
     @property
     def shrink_window(self) -> int:
-        """Steps a masked compactor entry needs to shrink from 1 to about 0: with the Adam injection it moves about
-        ``l2_lambda * compactor_lr`` per step at first and slower as Adam's second moment lags behind, so twice
-        the linear estimate (200 steps at the defaults; the official 500 per round gives ~0.5 per round)."""
+        """Steps kept between the last mask round and the merge. Decoupled shrinking fits its rate to whatever is
+        left (0 needed); the gradient rule needs the time a masked entry takes to shrink from 1 to about 0: with
+        the Adam injection it moves about ``l2_lambda * compactor_lr`` per step at first and slower as Adam's
+        second moment lags behind, so twice the linear estimate."""
         if self.shrink_steps is not None:
             return self.shrink_steps
-        return math.ceil(2.0 / (self.l2_lambda * self.compactor_lr))
+        return 0 if self.shrink == "decoupled" else math.ceil(2.0 / (self.l2_lambda * self.compactor_lr))
 
 
 class WidState(nn.Module):
@@ -219,6 +232,29 @@ def shrink_masked_grads_(model: nn.Module, masks: CompactorMasks, lam: float, op
             exp_avg[m] += (1 - beta1) * (lam - 1) / beta1 * w[m]
         else:
             p.grad[m] = lam * w[m]
+        changed += int(m.sum())
+    return changed
+
+
+def decay_rate(steps: int) -> float:
+    """Per-step decay ``rho`` that leaves ``SHRINK_LEFT`` of a norm after ``steps`` steps (1: zero at once)."""
+    return 1.0 if steps < 1 else 1.0 - SHRINK_LEFT ** (1.0 / steps)
+
+
+@torch.no_grad()
+def decay_masked_(model: nn.Module, masks: CompactorMasks, rho: float, optimizer=None) -> int:
+    """Decoupled shrinking: masked compactor entries are multiplied by ``1 - rho`` and taken out of this step of
+    ``optimizer`` (gradient and Adam first moment 0, so Adam moves them by exactly 0). Returns the entries changed."""
+    changed = 0
+    for p, m in masked_entries(model, masks):
+        m = m.to(p.device)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad[m] = 0
+        state = optimizer.state.get(p) if optimizer is not None else None
+        if state and "exp_avg" in state:
+            state["exp_avg"][m] = 0
+        p[m] *= 1.0 - rho
         changed += int(m.sum())
     return changed
 
