@@ -217,6 +217,16 @@ def test_low_loss_selection_trains_its_rows_on_max_entropy_instead_of_cross_entr
         max_entropy_term(1.0, select="top")
 
 
+def test_selection_figures_count_poisoned_rows_among_the_selected():
+    from lightmods.losses.max_entropy import selection_figures
+
+    chosen = torch.tensor([True, True, False, False, True])
+    poisoned = torch.tensor([1, 0, 1, 0, 1])
+    assert selection_figures(chosen, poisoned) == {"precision": 2 / 3, "recall": 2 / 3}
+    assert selection_figures(chosen, torch.zeros(5, dtype=torch.long)) == {"precision": 0.0, "recall": 0.0}
+    assert selection_figures(torch.zeros(5, dtype=torch.bool), poisoned) == {"precision": 0.0, "recall": 0.0}
+
+
 def test_max_entropy_alone_keeps_a_confident_trigger_and_low_loss_selection_removes_it():
     """Why select=all cannot lower ASR: minimising -log p_t + w (-H(p)) over a 2-class row keeps p_t > 0.5 for
     any weight; the same row trained on w * L_ME alone (low_loss) goes to p_t = 0.5."""
@@ -520,7 +530,10 @@ def test_badnets_with_max_entropy_writes_cacc_and_asr(run_cfg, tmp_path, select)
     assert written["val/asr"] == pytest.approx(
         sum(r["prediction"] == "positive" for r in rows_) / len(rows_), abs=1e-6
     )
-    assert "train/loss_max_entropy" in (out / "csv" / "metrics.csv").read_text()
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss_max_entropy" in header
+    # the low_loss selection reports how well it isolates the poisoned rows; select=all selects nothing
+    assert ("train/me_select_precision" in header) == ("train/me_select_recall" in header) == (select == "low_loss")
 
 
 def test_gradient_control_then_clean_tuning_reports_asr_after_both(run_cfg, tmp_path):

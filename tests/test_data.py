@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,29 @@ def test_datamodule_batches_with_dynamic_padding(tmp_path):
     assert batch["input_ids"].shape[1] == longest  # padded to the batch's longest, not to max_length
     assert batch["labels"].dtype == torch.long and "idx" in batch
     assert len(dm.datasets["train"]) == 40
+
+
+def test_tokenisation_cache_survives_a_concurrent_writer(tmp_path, monkeypatch):
+    """Runs started together (parallel sweep jobs, benchmarks) encode the same split into the same cache file:
+    a writer must not lose its temporary file to another's rename."""
+    dm = make_dm(tmp_path, "data.max_train_samples=40", "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}")
+    save = torch.save
+
+    def save_while_another_run_finishes(obj, f, *a, **kw):
+        save(obj, f, *a, **kw)
+        final = Path(f).parent / (Path(f).name.lstrip(".").split(".")[0] + ".pt")  # where the other run's copy goes
+        other = final.with_suffix(".tmp")  # a fixed temporary name would be this one, shared
+        save(obj, other)
+        other.replace(final)
+
+    monkeypatch.setattr(torch, "save", save_while_another_run_finishes)
+    dm.setup("fit")
+    cached = list((tmp_path / "cache" / "tokenized").iterdir())
+    assert cached and all(p.suffix == ".pt" and not p.name.startswith(".") for p in cached), cached  # no stray temporary
+    monkeypatch.setattr(torch, "save", save)
+    again = make_dm(tmp_path, "data.max_train_samples=40", "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}")
+    again.setup("fit")
+    assert again.datasets["train"][0] == dm.datasets["train"][0]
 
 
 def test_sampler_depends_only_on_seed_and_epoch():

@@ -1,9 +1,11 @@
 """Light-PEFT against its LoRA baseline: same backbone, data, steps, batch size and seed, in one run.
 
     python experiments/bench/light_peft.py [--tasks glue/sst2,glue/rte] [--steps 600] [--estimate-steps 100]
-        [--model minilm] [--device cpu|gpu] [--precision 32-true|bf16-mixed] [--out experiments/bench/results/light_peft.md]
+        [--model minilm] [--device cpu|gpu] [--precision 32-true|bf16-mixed] [--prune-ratios 0.333:0.333,0.5:0.5]
+        [--jobs 2 --threads 1] [--out experiments/bench/results/light_peft.md]
 
-Each training runs as its own ``python train.py`` process (so peak memory is per run). Training throughput
+Each training runs as its own ``python train.py`` process (so peak memory is per run); ``--prune-ratios`` adds one
+Light-PEFT run per ``head:neuron`` pair (the foundation-pruning ablation axis), all against the same LoRA run. Training throughput
 is the run's own meter: the whole run for LoRA, the phase after pruning for Light-PEFT (its estimation phase
 is reported too). Inference throughput is measured afterwards in this process on both exported models,
 adapters merged, alternating rounds over the same dev batches. The ideal speed-up is the ratio of the
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +53,8 @@ def run(name: str, task: str, args, extra: list[str], out: Path) -> dict:
         print("  reusing the finished run in", run_dir, flush=True)
         return {"dir": run_dir, "summary": json.loads(done.read_text()), "metrics": json.loads((run_dir / "metrics.json").read_text())}
     started = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"{name} on {task} failed:\n{r.stderr[-4000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -147,78 +151,127 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--infer-batches", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--prune-ratios", default=f"{PAPER_RATIO}:{PAPER_RATIO}",
+        help="comma-separated head:neuron prune ratios, one Light-PEFT run each (default: the paper's 1/3:1/3)",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once (use with --threads)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per training run (0 = torch's default)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same work dir (re-measure only)")
     p.add_argument("--extra", default="", help="more overrides for both runs, e.g. 'model.init=random'")
     p.add_argument("--out", default=str(ROOT / "experiments/bench/results/light_peft.md"))
     p.add_argument("--work", default="/tmp/lightmods-bench-light-peft")
     args = p.parse_args()
+    args.variants = [parse_ratio(r) for r in args.prune_ratios.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     rows = []
     for task in args.tasks.split(","):
         data = [f"data.data_dir={args.data_root}/{GLUE_DIRS[task]}"] if task in GLUE_DIRS and args.data_root else []
-        base = run("lora", task, args, ["method=lora", f"method.lr={args.lr}", *data], work)
-        light = run("light_peft", task, args, ["method=light_peft", f"method.lr={args.lr}", f"method.estimate_steps={args.estimate_steps}", *data], work)
-        models = {}
-        for name, r in (("lora", base), ("light_peft", light)):
+        jobs = [("lora", ["method=lora", f"method.lr={args.lr}", *data])]
+        for heads, neurons in args.variants:
+            jobs.append((
+                variant_name(heads, neurons),
+                ["method=light_peft", f"method.lr={args.lr}", f"method.estimate_steps={args.estimate_steps}",
+                 f"method.head_prune_ratio={heads}", f"method.neuron_prune_ratio={neurons}", *data],
+            ))  # fmt: skip
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            done = dict(zip([n for n, _ in jobs], pool.map(lambda job, task=task: run(job[0], task, args, job[1], work), jobs)))
+        models, trainable = {}, {}
+        for name, r in done.items():
             m = load_export(r["dir"] / "export").to(device).eval()
             merge_adapters(m)
             models[name] = m.to(torch.bfloat16) if "bf16" in args.precision else m
-        batches = dev_batches(light["dir"], args.infer_batches, device)
+            trainable[name] = load_checkpoint_model(r["dir"] / "checkpoints" / "last.ckpt").to(device)
+        first = done[jobs[1][0]]["dir"]
+        batches = dev_batches(first, args.infer_batches, device)
         seq = statistics.mean(int(b["attention_mask"].shape[1]) for b in batches)
         infer = time_inference(models, batches, args.rounds, device)
         flops = {k: block_flops_per_token(m, int(seq)) for k, m in models.items()}
-        trainable = {k: load_checkpoint_model(r["dir"] / "checkpoints" / "last.ckpt").to(device) for k, r in (("lora", base), ("light_peft", light))}
-        train_rate = time_training(trainable, dev_batches(light["dir"], args.infer_batches + 1, device, split="fit"), args.rounds, device)
-        rows.append((task, base, light, infer, flops, train_rate))
+        train_rate = time_training(trainable, dev_batches(first, args.infer_batches + 1, device, split="fit"), args.rounds, device)
+        rows.append((task, done, infer, flops, train_rate))
     write_table(args, rows)
+
+
+PAPER_RATIO = 0.3333333333
+
+
+def parse_ratio(text: str) -> tuple[float, float]:
+    """``head:neuron`` prune ratios, each in [0, 1)."""
+    try:
+        heads, neurons = (float(x) for x in text.split(":"))
+    except ValueError:
+        sys.exit(f"--prune-ratios: {text!r} is not head:neuron (two numbers in [0, 1), e.g. 0.5:0.5)")
+    if not (0 <= heads < 1 and 0 <= neurons < 1):
+        sys.exit(f"--prune-ratios: {text!r} out of range; each ratio must be in [0, 1)")
+    return heads, neurons
+
+
+def variant_name(heads: float, neurons: float) -> str:
+    return "light_peft" if (heads, neurons) == (PAPER_RATIO, PAPER_RATIO) else f"light_peft-h{heads:g}-n{neurons:g}"
+
+
+def ratio_label(name: str) -> str:
+    if name == "light_peft":
+        return "Light-PEFT (1/3, 1/3)"
+    _, h, n = name.split("-")
+    return f"Light-PEFT ({h[1:]}, {n[1:]})"
 
 
 def write_table(args, rows) -> None:
     cmd = "python experiments/bench/light_peft.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    threads = f", {args.jobs} training run(s) at once with {args.threads or 'default'} thread(s) each" if args.jobs > 1 else ""
     lines = [
         "# Light-PEFT vs LoRA",
         "",
         f"Command: `{cmd.strip()}`",
         "",
         f"Backbone `{args.model}`, {args.steps} steps of batch {args.batch_size} (max length {args.max_length}), seed {args.seed}, "
-        f"{args.device} {args.precision}; Light-PEFT estimates for {args.estimate_steps} steps, then prunes at the paper's "
-        "defaults (1/3 of heads per layer and of FFN neurons globally, keep 25% of PEFT modules, half of their ranks). "
+        f"{args.device} {args.precision}{threads}; Light-PEFT estimates for {args.estimate_steps} steps, then prunes the "
+        "(head, FFN neuron) fractions in brackets (heads per layer, neurons globally; 1/3 each is the paper's default), keeps "
+        "25% of PEFT modules and half of their ranks. "
         "LoRA baseline: rank 8 on query/value (the official vanilla baseline). Training samples/s in the table: each run's "
-        "own meter, LoRA over its whole run, Light-PEFT after pruning (before pruning in brackets); the speed-up below is "
-        "also measured side by side: both final models (from last.ckpt) train on the same batches in alternating rounds. "
-        "Inference: exported models, adapters merged, median of "
-        f"{args.rounds} alternating rounds over the same dev batches. Ideal = block FLOPs per token before / after.",
+        "own meter, LoRA over its whole run, Light-PEFT after pruning (before pruning in brackets); with several runs at "
+        "once these meters share the CPU, so the speed-ups below are measured side by side instead: the final models "
+        "(from last.ckpt) train on the same batches in alternating rounds. Inference: exported models, adapters merged, "
+        f"median of {args.rounds} alternating rounds over the same dev batches. Ideal = block FLOPs per token before / after.",
         "",
         "| task | method | dev acc | foundation params | trainable params | train samples/s | inference samples/s | peak mem (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
-    for task, base, light, infer, flops, train_rate in rows:
-        bs, ls = base["summary"], light["summary"]
-        acc = lambda r: r["metrics"].get("val/accuracy", r["metrics"].get("val/score"))  # noqa: E731
+    acc = lambda r: r["metrics"].get("val/accuracy", r["metrics"].get("val/score"))  # noqa: E731
+    for task, done, infer, flops, train_rate in rows:
+        base = done["lora"]
+        bs = base["summary"]
         lines.append(
             f"| {task} | LoRA | {acc(base):.4f} | {bs['params_by_role']['backbone']['total']:,} | {bs['params_trainable']:,} | "
             f"{bs['train_samples_per_s']:.1f} | {infer['lora']:.1f} | {bs['peak_memory_mb']:.0f} |"
         )
-        lines.append(
-            f"| {task} | Light-PEFT | {acc(light):.4f} | {ls['params_foundation_after']:,} (from {ls['params_foundation_before']:,}) | "
-            f"{ls['params_trainable_after']:,} (from {ls['params_trainable_before']:,}) | {ls['train_samples_per_s_after']:.1f} "
-            f"({ls['train_samples_per_s_before']:.1f}) | {infer['light_peft']:.1f} | {ls['peak_memory_mb']:.0f} |"
-        )
-        run_x = ls["train_samples_per_s_after"] / bs["train_samples_per_s"]
-        train_x = train_rate["light_peft"] / train_rate["lora"]
-        infer_x = infer["light_peft"] / infer["lora"]
-        ideal = flops["lora"] / flops["light_peft"]
-        removed = 1 - ls["params_foundation_after"] / ls["params_foundation_before"]
-        notes.append(
-            f"- {task}: accuracy {100 * (acc(light) - acc(base)):+.2f} points; foundation parameters -{100 * removed:.1f}%; "
-            f"trainable {ls['params_trainable_after'] / bs['params_trainable']:.2f}x of LoRA's; training speed-up "
-            f"{train_x:.2f}x side by side ({train_rate['light_peft']:.1f} vs {train_rate['lora']:.1f} samples/s; {run_x:.2f}x "
-            f"from the two runs' meters), inference {infer_x:.2f}x, ideal (FLOPs) {ideal:.2f}x: measured/ideal = "
-            f"{train_x / ideal:.2f} (training), {infer_x / ideal:.2f} (inference); heads kept per layer "
-            f"{ls['heads_kept_per_layer']}, neurons {ls['neurons_kept_per_layer']}."
-        )
+        for name, light in done.items():
+            if name == "lora":
+                continue
+            ls = light["summary"]
+            lines.append(
+                f"| {task} | {ratio_label(name)} | {acc(light):.4f} | {ls['params_foundation_after']:,} (from "
+                f"{ls['params_foundation_before']:,}) | {ls['params_trainable_after']:,} (from {ls['params_trainable_before']:,}) | "
+                f"{ls['train_samples_per_s_after']:.1f} ({ls['train_samples_per_s_before']:.1f}) | {infer[name]:.1f} | "
+                f"{ls['peak_memory_mb']:.0f} |"
+            )
+            train_x = train_rate[name] / train_rate["lora"]
+            infer_x = infer[name] / infer["lora"]
+            ideal = flops["lora"] / flops[name]
+            removed = 1 - ls["params_foundation_after"] / ls["params_foundation_before"]
+            notes.append(
+                f"- {task}, {ratio_label(name)}: accuracy {100 * (acc(light) - acc(base)):+.2f} points; foundation parameters "
+                f"-{100 * removed:.1f}%; trainable {ls['params_trainable_after'] / bs['params_trainable']:.2f}x of LoRA's; "
+                f"training speed-up {train_x:.2f}x side by side ({train_rate[name]:.1f} vs {train_rate['lora']:.1f} samples/s), "
+                f"inference {infer_x:.2f}x, ideal (FLOPs) {ideal:.2f}x: measured/ideal = {train_x / ideal:.2f} (training), "
+                f"{infer_x / ideal:.2f} (inference); heads kept per layer {ls['heads_kept_per_layer']}, neurons "
+                f"{ls['neurons_kept_per_layer']}."
+            )
     lines += ["", *notes, ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))

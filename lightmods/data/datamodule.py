@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -238,7 +240,9 @@ class TextClassificationDataModule(L.LightningDataModule):
             features = encode(self.task, rows, split, self.tokenizer, self.cfg.max_length)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            # the cache is shared by concurrent runs (parallel sweep jobs, benchmarks): each writer has its own
+            # temporary file, and the last rename wins with identical content
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             torch.save(features, tmp)
             tmp.replace(path)
         return EncodedDataset(features)

@@ -72,11 +72,27 @@ def neutralising_loss(logits: torch.Tensor, labels: torch.Tensor, weight: float,
     """What ``select=low_loss`` adds to the batch's mean cross-entropy so that its ``ratio`` lowest-loss rows
     train on ``weight * L_ME`` instead: ``(1/n) sum_{i in S} (weight * L_ME_i - CE_i)`` over the ``n`` labelled
     rows (the cross-entropy part cancels those rows' share of the task loss exactly)."""
+    return _neutralise(logits, labels, weight, ratio, form, temperature)[0]
+
+
+def _neutralise(logits, labels, weight, ratio, form, temperature) -> tuple[torch.Tensor, torch.Tensor]:
     valid = labels != -100
     ce = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
     chosen = lowest_loss_rows(ce, valid, ratio)
     n = max(1, int(valid.sum()))
-    return (weight * max_entropy_rows(logits, form, temperature)[chosen].sum() - ce[chosen].sum()) / n
+    return (weight * max_entropy_rows(logits, form, temperature)[chosen].sum() - ce[chosen].sum()) / n, chosen
+
+
+def selection_figures(chosen: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
+    """How well a row selection isolates the rows an attack poisoned (known to the benchmark, not to the
+    defense): ``precision`` = poisoned share of the selected rows, ``recall`` = selected share of the
+    poisoned rows (NaN-free: 0 when the batch has none)."""
+    poisoned = poisoned.bool()
+    hit = float((chosen & poisoned).sum())
+    return {
+        "precision": hit / max(1, int(chosen.sum())),
+        "recall": hit / max(1, int(poisoned.sum())),
+    }
 
 
 def schedule_factor(
@@ -106,7 +122,12 @@ def max_entropy_term(weight: float, form: str = "entropy", temperature: float = 
     if select == "low_loss":
 
         def neutralise(module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-            return neutralising_loss(logits, batch["labels"], weight, select_ratio, form, temperature)
+            loss, chosen = _neutralise(logits, batch["labels"], weight, select_ratio, form, temperature)
+            if batch.get("poisoned") is not None and getattr(module, "_trainer", None) is not None:
+                # whether the lowest-loss rows are the poisoned ones: the premise of this selection
+                for key, value in selection_figures(chosen, batch["poisoned"].to(chosen.device)).items():
+                    module.log(f"train/me_select_{key}", value, batch_size=len(chosen))
+            return loss
 
         return LossTerm("max_entropy", 1.0, neutralise, schedule=schedule)
     if select != "all":
