@@ -15,6 +15,7 @@ block FLOPs per token (linear layers + attention scores) before and after prunin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -128,9 +129,7 @@ def dev_batches(run_dir: Path, n: int, device, split: str = "validate") -> list[
     loader = dm.train_dataloader() if split == "fit" else dm.val_dataloader()
     loader = loader[0] if isinstance(loader, (list, tuple)) else loader
     batches = []
-    for i, b in enumerate(loader):
-        if i >= n:
-            break
+    for b in itertools.islice(itertools.cycle(loader) if split == "fit" else loader, n):  # few-shot train sets: cycle
         inputs = {k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         batches.append(inputs if split != "fit" else {"inputs": inputs, "labels": b["labels"].to(device)})
     return batches
@@ -221,7 +220,8 @@ def ratio_label(name: str) -> str:
 
 
 def write_table(args, rows) -> None:
-    cmd = "python experiments/bench/light_peft.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--out") and sys.argv[i] != "--out"]
+    cmd = "python experiments/bench/light_peft.py " + " ".join(argv)
     threads = f", {args.jobs} training run(s) at once with {args.threads or 'default'} thread(s) each" if args.jobs > 1 else ""
     lines = [
         "# Light-PEFT vs LoRA",
