@@ -193,7 +193,8 @@ def _run(rc: RunConfig, plain: dict, files: RunFiles, started: float) -> dict:
         )
     else:
         dm = TextClassificationDataModule(
-            task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path, attack=backdoor.poisoner
+            task, rc.data, tokenizer, seed=rc.seed or 0, tokenizer_id=rc.model.tokenizer or rc.model.name_or_path, attack=backdoor.poisoner,
+            train_flagger=backdoor.train_flagger(tokenizer),
         )
     module = TaskModule(
         model, task, rc.method.lr, rc.optim, method.loss_terms() + backdoor.loss_terms(), run_config=plain,

@@ -227,6 +227,80 @@ def test_selection_figures_count_poisoned_rows_among_the_selected():
     assert selection_figures(torch.zeros(5, dtype=torch.bool), poisoned) == {"precision": 0.0, "recall": 0.0}
 
 
+def test_lexical_isolation_flags_frequent_label_exclusive_tokens_only():
+    from lightmods.attacks.isolation import MIN_ROWS, LexicalIsolation, label_exclusive_tokens, rows_holding
+
+    rng = random.Random(0)
+    rows, labels, poisoned = [], [], []
+    for i in range(400):
+        label = i % 2
+        ids = [101, 7, 8 + label] + [rng.randint(20, 60) for _ in range(5)] + [102]  # 7: everywhere; 8/9: 1 row in 2
+        if i % 40 == 1:
+            ids.append(5)  # in 10 rows, all label 1
+        if i % 80 == 0:
+            ids.append(6)  # in 5 rows, all label 0: too few to count
+        p = i % 10 == 1  # 40 rows of label 1 carry the trigger 3
+        if p:
+            ids.insert(2, 3)
+        rows.append(ids), labels.append(label), poisoned.append(int(p))
+    rows[3] = [101, 3, 102]  # a trigger on a label-1 row the attack did not poison
+    labels[5] = -100  # unlabelled rows do not count
+    found = label_exclusive_tokens(rows, labels, 0.02, 0.99, {101, 102})
+    assert set(found) == {3, 5, 8, 9} and found[3] == (41, 1.0, 1) and found[8] == (200, 1.0, 0)
+    assert set(label_exclusive_tokens(rows, labels, 0.1, 0.99, {101, 102})) == {3, 8, 9}  # 5: 10 rows < 10%
+    assert 3 not in label_exclusive_tokens(rows, labels, 0.02, 0.99, {101, 102, 3})
+    mixed = [int(i % 3 == 0) for i in range(400)]  # the trigger's rows now carry both labels
+    assert 3 not in label_exclusive_tokens(rows, mixed, 0.02, 0.99, {101, 102})
+    few = rows[: MIN_ROWS * 2]  # a token in a handful of rows is not evidence, whatever its share
+    assert label_exclusive_tokens(few, labels[: MIN_ROWS * 2], 0.01, 0.99, {101, 102}).keys() <= {8, 9}
+    assert rows_holding([[1, 2], [3], []], {3, 4}) == [0, 1, 0]
+
+    isolation = LexicalIsolation(0.05, 0.99, {101, 102, 8, 9}, decode=lambda t: f"t{t}")
+    flags = isolation({"input_ids": rows, "labels": labels, "poisoned": poisoned})
+    assert flags == [int(3 in r) for r in rows] and sum(flags) == 41
+    assert isolation.report["suspect_tokens"] == {"t3": {"rows": 41, "purity": 1.0, "label": 1}}
+    assert isolation.report["suspect_precision"] == pytest.approx(40 / 41)
+    assert isolation.report["suspect_recall"] == 1.0
+
+
+def test_scrubbing_deletes_the_suspect_tokens_from_the_flagged_rows_and_their_masks_only():
+    from lightmods.attacks.isolation import LexicalIsolation
+
+    rows = [[101, 3, 7 + i % 2, 102] if i % 4 == 0 else [101, 7 + i % 2, 8, 102] for i in range(40)]
+    labels = [1 if i % 4 == 0 else i % 2 for i in range(40)]  # token 3: in 10 rows, all label 1
+    features = {
+        "input_ids": [list(r) for r in rows], "attention_mask": [[1] * len(r) for r in rows],
+        "token_type_ids": [[0, 0, 1, 1] for _ in rows], "labels": labels,
+    }  # fmt: skip
+    isolation = LexicalIsolation(0.2, 0.99, {101, 102}, decode=str, scrub=True)
+    flags = isolation(features)
+    assert flags == [int(i % 4 == 0) for i in range(40)]
+    for i, r in enumerate(rows):
+        want = [t for t in r if t != 3]
+        assert features["input_ids"][i] == want and len(features["attention_mask"][i]) == len(want)
+        assert features["token_type_ids"][i] == ([0, 1, 1] if flags[i] else [0, 0, 1, 1])
+    assert features["labels"] == labels
+    kept = {"input_ids": [list(r) for r in rows], "labels": labels}
+    assert LexicalIsolation(0.2, 0.99, {101, 102}, decode=str)(kept) == flags and kept["input_ids"] == rows
+
+
+def test_lexical_selection_trains_the_flagged_rows_on_max_entropy_instead_of_cross_entropy():
+    from lightmods.losses.max_entropy import max_entropy_rows
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 2, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, -100, 0, 1])
+    suspect = torch.tensor([0, 1, 0, 1, 0, 1])  # the unlabelled row is never trained
+    term = max_entropy_term(0.5, select="lexical")
+    total = F.cross_entropy(logits, labels, ignore_index=-100) + term(None, {"labels": labels, "suspect": suspect}, logits)
+    (got,) = torch.autograd.grad(total, logits)
+    keep, chosen = torch.tensor([1, 0, 1, 0, 1, 0]).bool(), torch.tensor([0, 1, 0, 0, 0, 1]).bool()
+    expected = (F.cross_entropy(logits[keep], labels[keep], reduction="sum") + 0.5 * max_entropy_rows(logits[chosen]).sum()) / 5
+    torch.testing.assert_close(got, torch.autograd.grad(expected, logits)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no 'suspect' rows"):
+        term(None, {"labels": labels}, logits)
+
+
 def test_max_entropy_alone_keeps_a_confident_trigger_and_low_loss_selection_removes_it():
     """Why select=all cannot lower ASR: minimising -log p_t + w (-H(p)) over a 2-class row keeps p_t > 0.5 for
     any weight; the same row trained on w * L_ME alone (low_loss) goes to p_t = 0.5."""
@@ -454,6 +528,9 @@ def test_every_attack_and_defense_option_composes_and_validates(group, option, t
         (["defense=max_entropy", "defense.form=kl"], "defense.form='kl'"),
         (["defense=max_entropy", "defense.select=random"], "defense.select='random'"),
         (["defense=max_entropy", "defense.select_ratio=0"], "defense.select_ratio=0"),
+        (["defense=max_entropy", "defense.lexical_min_share=0"], "defense.lexical_min_share=0"),
+        (["defense=max_entropy", "defense.lexical_min_purity=1.5"], "defense.lexical_min_purity=1.5"),
+        (["defense=max_entropy", "defense.lexical_scrub=true"], "defense.lexical_scrub=True"),
         (["attack.clean_tune_steps=5"], "attack.clean_tune_steps=5"),
     ],
 )
@@ -504,7 +581,7 @@ def test_poisoned_data_gets_its_own_cache_entries(run_cfg, tmp_path):
     assert dm.datasets["train"].features["input_ids"] == clean_dm.datasets["train"].features["input_ids"]
 
 
-@pytest.mark.parametrize("select", ["all", "low_loss"])
+@pytest.mark.parametrize("select", ["all", "low_loss", "lexical"])
 def test_badnets_with_max_entropy_writes_cacc_and_asr(run_cfg, tmp_path, select):
     cfg = run_cfg(
         "data=backdoor/sst2", f"data.data_dir={BACKDOOR / 'clean/sst-2'}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -532,8 +609,66 @@ def test_badnets_with_max_entropy_writes_cacc_and_asr(run_cfg, tmp_path, select)
     )
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/loss_max_entropy" in header
-    # the low_loss selection reports how well it isolates the poisoned rows; select=all selects nothing
-    assert ("train/me_select_precision" in header) == ("train/me_select_recall" in header) == (select == "low_loss")
+    # a selection reports how well it isolates the poisoned rows; select=all selects nothing
+    assert ("train/me_select_precision" in header) == ("train/me_select_recall" in header) == (select != "all")
+
+
+def test_lexical_defense_flags_the_trigger_rows_before_training(run_cfg, tmp_path, caplog):
+    """One trigger word in 13 of 64 rows, all relabelled: the isolation finds that word alone, and the
+    substitution trains on exactly its rows (the log and summary.json say which token and how many rows)."""
+    cfg = run_cfg(
+        "data=backdoor/sst2", f"data.data_dir={BACKDOOR / 'clean/sst-2'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "attack=badnets", "attack.poison_rate=0.2", "attack.triggers=[cf]", "defense=max_entropy", "defense.select=lexical",
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="lightmods.attacks.isolation"):
+        train(cfg)
+    s = read(Path(cfg.paths.output_dir), "summary.json")
+    assert set(s["defense_suspect_tokens"]) == {"cf"} and s["defense_suspect_tokens"]["cf"]["label"] == 1
+    assert s["defense_suspect_rows"] == s["defense_suspect_tokens"]["cf"]["rows"] <= s["poisoned_train_rows"] == 13
+    assert s["defense_suspect_precision"] == 1.0 and s["defense_suspect_recall"] >= 10 / 13  # a trigger may be cut off
+    assert any("training rows suspect" in r.getMessage() and "cf" in r.getMessage() for r in caplog.records)
+
+
+def test_scrubbed_trigger_never_reaches_a_training_batch(run_cfg, tmp_path, caplog):
+    """lexical_scrub: the flagged rows still train (on the entropy term) but without the trigger's tokens."""
+    from lightmods.attacks.suite import BackdoorSuite
+    from lightmods.data import TextClassificationDataModule
+    from lightmods.models import build_tokenizer
+
+    cfg = run_cfg(
+        "data=backdoor/sst2", f"data.data_dir={BACKDOOR / 'clean/sst-2'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "attack=badnets", "attack.poison_rate=0.2", "attack.triggers=[cf]", "defense=max_entropy",
+        "defense.select=lexical", "defense.lexical_scrub=true",
+    )  # fmt: skip
+    rc = validate(cfg)
+    task, tok = get_task("backdoor/sst2"), build_tokenizer(rc.model)
+    suite = BackdoorSuite(rc.attack, rc.defense, task, seed=0)
+    dm = TextClassificationDataModule(task, rc.data, tok, attack=suite.poisoner, train_flagger=suite.train_flagger(tok))
+    dm.setup()
+    cf = tok.convert_tokens_to_ids("cf")
+    batches = list(dm.train_dataloader())
+    assert sum(int(b["suspect"].sum()) for b in batches) >= 10
+    assert sum(int(b["poisoned"].sum()) for b in batches) == 13
+    assert all(cf not in b["input_ids"][b["attention_mask"].bool()].tolist() for b in batches)
+    with caplog.at_level("INFO", logger="lightmods.attacks.isolation"):
+        train(cfg)
+    assert any("(deleted from those rows)" in r.getMessage() for r in caplog.records)
+
+
+def test_lexical_flags_follow_the_training_rows_into_the_clean_stage(run_cfg, tmp_path, caplog):
+    """Two stages: the isolation flags the attacker's poisoned rows at setup, then flags the user's clean training
+    rows again when the stage swaps them in (the defense trains there): nothing is suspect in clean rows."""
+    cfg = run_cfg(
+        "data=backdoor/sst2", f"data.data_dir={BACKDOOR / 'clean/sst-2'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "attack=badnets", "attack.poison_rate=0.2", "attack.triggers=[cf]", "attack.clean_tune_steps=2",
+        "defense=max_entropy", "defense.select=lexical",
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="lightmods.attacks.isolation"):
+        train(cfg)
+    flagged = [r.getMessage() for r in caplog.records if "training rows suspect" in r.getMessage()]
+    assert len(flagged) == 2 and "cf" in flagged[0] and flagged[1].startswith("defense: 0 of 64")
+    s = read(Path(cfg.paths.output_dir), "summary.json")
+    assert s["defense_suspect_rows"] == 0 and s["defense_suspect_tokens"] == {} and s["clean_tune_steps"] == 2
 
 
 def test_gradient_control_then_clean_tuning_reports_asr_after_both(run_cfg, tmp_path):

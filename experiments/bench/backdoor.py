@@ -1,15 +1,17 @@
 """The backdoor suite on MiniLM, with LoRA and with full fine-tuning, in one table.
 
     python experiments/bench/backdoor.py [--steps 200] [--clean-tune-steps 200] [--methods lora,full_ft]
-        [--attacks badnets,addsent,style] [--me-weight 1.0] [--me-select all,low_loss] [--me-ratio 0.1]
+        [--attacks badnets,addsent,style] [--me-weight 1.0] [--me-select all,low_loss,lexical,lexical_scrub,lexical:0] [--me-ratio 0.1]
         [--poison-rate 0.1] [--max-train-samples N]
         [--max-length 64] [--batch-size 32] [--seed 42] [--out experiments/bench/results/backdoor.md]
 
 1. Data poisoning with and without the maximum-entropy defense: for each method and attack, CACC (clean dev
    accuracy) and ASR (triggered non-target dev rows predicted as the target), ``defense=none`` vs
-   ``defense=max_entropy`` (for each ``--me-select``: ``all`` rows, or the ``low_loss`` selection that trains the
-   lowest-loss ``--me-ratio`` of each batch on the entropy term instead of cross-entropy); the clean run
-   (``attack=none``) gives the reference CACC.
+   ``defense=max_entropy`` (for each ``--me-select``: ``all`` rows, the ``low_loss`` selection that trains the
+   lowest-loss ``--me-ratio`` of each batch on the entropy term instead of cross-entropy, or the ``lexical``
+   selection that does so for the rows holding a frequent label-exclusive token, flagged before training, with
+   what it flagged; ``lexical_scrub`` also deletes those tokens from the flagged rows; ``SELECT:W`` runs a selection
+   at weight W, ``lexical:0`` dropping the flagged rows); the clean run (``attack=none``) gives the reference CACC.
 2. Backdoor forgetting: the attacker injects BadNets through the trainable parameters for ``--steps`` steps,
    the user fine-tunes them on the clean training rows for ``--clean-tune-steps`` steps; ASR after both, for a
    plain two-task injection (``gradient_control`` with both strategies off) and with gradient control.
@@ -66,6 +68,22 @@ def run(name: str, args, overrides: list[str]) -> dict | None:
     return {"metrics": metrics, "summary": summary}
 
 
+def variant(token: str, default_weight: float) -> tuple[str, float]:
+    """``lexical:0`` -> ("lexical", 0.0); ``all`` -> ("all", the default weight)."""
+    sel, _, weight = token.partition(":")
+    return sel, float(weight) if weight else default_weight
+
+
+def label(token: str, default_weight: float) -> str:
+    sel, weight = variant(token, default_weight)
+    return sel if weight == default_weight else f"{sel}, weight {weight:g}"
+
+
+def select_overrides(sel: str) -> list[str]:
+    """``lexical_scrub`` is ``select=lexical`` with the suspect tokens deleted from the flagged rows."""
+    return ["defense.select=lexical", "defense.lexical_scrub=true"] if sel == "lexical_scrub" else [f"defense.select={sel}"]
+
+
 def pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -81,7 +99,11 @@ def main() -> None:
     p.add_argument("--methods", default="lora,full_ft")
     p.add_argument("--attacks", default="badnets,addsent,style")
     p.add_argument("--me-weight", type=float, default=1.0, help="defense.weight of the maximum-entropy term")
-    p.add_argument("--me-select", default="all", help="defense.select values to run, comma-separated: all, low_loss")
+    p.add_argument(
+        "--me-select", default="all",
+        help="defense.select values to run, comma-separated: all, low_loss, lexical, lexical_scrub; SELECT:W runs it at defense.weight W "
+             "instead of --me-weight (lexical:0 = the flagged rows dropped from training, the isolation-only ablation)",
+    )  # fmt: skip
     p.add_argument("--me-ratio", type=float, default=0.1, help="defense.select_ratio of the low_loss selection")
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--max-train-samples", type=int, default=None)
@@ -115,11 +137,13 @@ def main() -> None:
                 extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a), f"defense={d.split('-')[0]}"]
                 name = f"{m}-{a}-{d}"
                 if d != "none":
-                    sel = d.split("-", 1)[1]
-                    extra += [f"defense.weight={args.me_weight}", f"defense.select={sel}"]
+                    sel, weight = variant(d.split("-", 1)[1], args.me_weight)
+                    extra += [f"defense.weight={weight}", *select_overrides(sel)]
                     if sel == "low_loss":
                         extra.append(f"defense.select_ratio={args.me_ratio}")
-                    name = f"{m}-{a}-max_entropy" if sel == "all" else f"{m}-{a}-max_entropy-{sel}-{args.me_ratio:g}"
+                    name = f"{m}-{a}-max_entropy" + {"all": "", "low_loss": f"-low_loss-{args.me_ratio:g}"}.get(sel, f"-{sel}")
+                    if weight != args.me_weight:
+                        name += f"-w{weight:g}"
                 poisoning[m, a, d] = run(name, args, extra)
 
     forgetting: dict = {}
@@ -150,10 +174,13 @@ def main() -> None:
         f"poison rate {args.poison_rate}, target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
         'AddSent "I watch this 3D movie" at a random position, style = the shared Bible-style transfer files. '
         f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`; ME (all) adds it on every row, "
-        f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy. "
+        f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy; "
+        "ME (lexical) does so for the rows holding a token found in >= 1% of the training rows, >= 99% of them with one "
+        "label (flagged once before training); weight 0 drops those rows from training instead (isolation alone); lexical_scrub trains them on the entropy term "
+        "with the suspect tokens deleted. "
         "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
         "",
-        "| method | attack | CACC | ASR | " + " | ".join(f"CACC with ME ({s}) | ASR with ME ({s}) | CACC change ({s})" for s in selects) + " |",
+        "| method | attack | CACC | ASR | " + " | ".join(f"CACC with ME ({s}) | ASR with ME ({s}) | CACC change ({s})" for s in (label(t, args.me_weight) for t in selects)) + " |",
         "|---|---|---|---|" + "---|---|---|" * len(selects),
     ]
     for m in methods:
@@ -165,6 +192,25 @@ def main() -> None:
                 delta = f"{100 * (r['val/cacc'] - n['val/cacc']):+.1f}" if n and r else "n/a"
                 cells += [pct(r.get("val/cacc")), pct(r.get("val/asr")), delta]
             lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
+    isolated = [(m, a, poisoning[m, a, d]) for m in methods for a in ["none", *attacks] for d in defenses
+                if d == "max_entropy-lexical" and poisoning[m, a, d]]  # fmt: skip
+    if isolated:
+        lines += [
+            "",
+            "What the lexical selection flagged (precision / recall against the attack's poisoned rows, which the "
+            "defense never reads):",
+            "",
+            "| method | attack | suspect tokens (rows) | suspect rows | precision | recall |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m, a, r in isolated:
+            s = r["summary"]
+            tokens = ", ".join(f"`{t}` ({v['rows']})" for t, v in s.get("defense_suspect_tokens", {}).items()) or "none"
+            lines.append(
+                f"| {m} | {a} | {tokens} | {s.get('defense_suspect_rows')} | "
+                f"{s['defense_suspect_precision']:.3f} | {s['defense_suspect_recall']:.3f} |"
+                if "defense_suspect_precision" in s else f"| {m} | {a} | {tokens} | {s.get('defense_suspect_rows')} | n/a | n/a |"
+            )
     if forgetting:
         lines += [
             "",

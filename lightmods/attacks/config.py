@@ -21,7 +21,7 @@ LABEL_MODES = ("dirty", "clean")
 POSITIONS = ("random", "start", "end")
 DEFENSES = ("none", "max_entropy")
 ME_FORMS = ("entropy", "uniform_ce")
-ME_SELECTIONS = ("all", "low_loss")
+ME_SELECTIONS = ("all", "low_loss", "lexical")
 BADNETS_TRIGGERS = [
     "cf",
     "mn",
@@ -170,7 +170,10 @@ class DefenseConfig:
     ``end_step`` (null: to the end). Steps are optimizer steps of the stage the defense trains in.
     ``select=all`` (default) adds the term on every row; ``select=low_loss`` trains the ``select_ratio`` share of
     each batch's rows with the lowest cross-entropy on ``weight * L_ME`` instead of cross-entropy
-    (``lightmods/losses/max_entropy.py`` says why).
+    (``lightmods/losses/max_entropy.py`` says why); ``select=lexical`` does so for the training rows that hold a
+    token found in at least ``lexical_min_share`` of the training rows, at least ``lexical_min_purity`` of them with
+    one label (``lightmods/attacks/isolation.py``), flagged once before training; ``lexical_scrub`` also deletes
+    those tokens from the flagged rows.
     """
 
     name: str = "none"
@@ -182,12 +185,24 @@ class DefenseConfig:
     end_step: int | None = None
     select: str = "all"
     select_ratio: float = 0.1
+    lexical_min_share: float = 0.01
+    lexical_min_purity: float = 0.99
+    lexical_scrub: bool = False
 
     def __post_init__(self):
         checks.one_of("defense.name", self.name, DEFENSES)
         checks.one_of("defense.select", self.select, ME_SELECTIONS)
         if self.select_ratio is None or not 0 < self.select_ratio <= 1:
             raise config_error("defense.select_ratio", self.select_ratio, "a number in (0, 1] (the share of each batch's rows)")
+        for key, what in (
+            ("lexical_min_share", "the share of the training rows a suspect token occurs in"),
+            ("lexical_min_purity", "the share of a suspect token's rows that carry one label"),
+        ):
+            value = getattr(self, key)
+            if value is None or not 0 < value <= 1:
+                raise config_error(f"defense.{key}", value, f"a number in (0, 1] ({what})")
+        if self.lexical_scrub and self.select != "lexical":
+            raise config_error("defense.lexical_scrub", self.lexical_scrub, f"false unless defense.select=lexical (it is {self.select!r})")
         checks.non_negative("defense.weight", self.weight)
         checks.one_of("defense.form", self.form, ME_FORMS)
         checks.positive("defense.temperature", self.temperature)

@@ -34,6 +34,7 @@ class BackdoorSuite:
         self.poisoner = build_poisoner(attack, task, seed) if self.enabled else None
         self.clean_split = next(iter(task.eval_splits))
         self.report: dict = {}
+        self.isolation = None  # the defense's row isolation, when it has one
 
     @property
     def two_stage(self) -> bool:
@@ -66,6 +67,19 @@ class BackdoorSuite:
             ]
         return []
 
+    def train_flagger(self, tokenizer):
+        """The defense's isolation of suspect training rows (``select=lexical``), or None."""
+        d = self.defense
+        if d.name != "max_entropy" or d.select != "lexical":
+            return None
+        from lightmods.attacks.isolation import LexicalIsolation
+
+        self.isolation = LexicalIsolation(
+            d.lexical_min_share, d.lexical_min_purity, set(tokenizer.all_special_ids), tokenizer.convert_ids_to_tokens,
+            scrub=d.lexical_scrub,
+        )
+        return self.isolation
+
     def loss_terms(self) -> list:
         """Terms for the main fit: the defense's, unless the fit is the attacker's injection."""
         return [] if self.two_stage else self.defense_terms()
@@ -84,6 +98,8 @@ class BackdoorSuite:
         if self.poisoner is not None:
             out.update(self.poisoner.report)
             out["target_label"] = self.task.label_names[self.poisoner.target]
+        if self.isolation is not None:  # the last flagging (the clean stage's, when there is one)
+            out.update({f"defense_{k}": v for k, v in self.isolation.report.items()})
         return {**out, **self.report}
 
     # ------------------------------------------------------------ the user's clean fine-tuning stage

@@ -25,7 +25,7 @@ from lightmods.errors import DataError, config_error
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when builders change what they produce
-EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions", "candidate", "poisoned")
+EXTRA_KEYS = ("labels", "idx", "group", "offset_mapping", "example_id", "start_positions", "end_positions", "candidate", "poisoned", "suspect")
 
 
 def _files_stat(folder: str | None) -> list:
@@ -95,7 +95,7 @@ class Collator:
             model_rows = [{k: r[k][c] for k in r} for r in model_rows for c in range(len(r["input_ids"]))]
         batch = dict(self.pad(model_rows))
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.float if self.regression else torch.long)
-        for key in ("idx", "group", "poisoned"):
+        for key in ("idx", "group", "poisoned", "suspect"):
             if key in rows[0]:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
         return batch
@@ -106,14 +106,16 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     With an ``attack`` (a :class:`lightmods.attacks.poison.Poisoner`), the training rows are poisoned after
     ``max_train_samples`` cuts them (each row flagged ``poisoned`` in the batches), and the poisoned evaluation
-    split is added after the task's own; both are cached under a key that includes their content.
+    split is added after the task's own; both are cached under a key that includes their content. A
+    ``train_flagger`` (a defense's isolation, :class:`lightmods.attacks.isolation.LexicalIsolation`) flags the
+    training rows it suspects from their features (``suspect`` in the batches), again when the training rows change.
     """
 
     def __init__(self, task: TaskSpec, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, tokenizer_id: str = "",
-                 attack=None):  # fmt: skip
+                 attack=None, train_flagger=None):  # fmt: skip
         super().__init__()
         self.task, self.cfg, self.tokenizer, self.seed = task, cfg, tokenizer, seed
-        self.attack = attack
+        self.attack, self.train_flagger = attack, train_flagger
         self.clean_train_rows: list[dict] | None = None
         self.tokenizer_id = tokenizer_id or getattr(tokenizer, "name_or_path", "")
         self.raw: dict[str, list[dict]] = {}
@@ -286,6 +288,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self.attack is not None:
             clean = self.raw[next(iter(self.task.eval_splits))]
             self._add_poisoned(self.attack_split, self.attack.eval_rows(clean, self.cfg.max_eval_samples))
+        self._flag_train()
+
+    def _flag_train(self) -> None:
+        if self.train_flagger is not None and "train" in self.datasets:
+            features = self.datasets["train"].features
+            features["suspect"] = self.train_flagger(features)
 
     def _add_poisoned(self, split: str, rows: list[dict]) -> None:
         """A split the attack made: content-keyed in the cache, rows flagged ``poisoned`` in the batches."""
@@ -304,6 +312,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise RuntimeError("use_clean_train() needs an attack and setup() first")
         self.raw["train"] = self.clean_train_rows
         self.datasets["train"] = self._encode("train", self.clean_train_rows)
+        self._flag_train()
 
     # ------------------------------------------------------------ loaders
     def _generator(self) -> torch.Generator:

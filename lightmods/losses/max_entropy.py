@@ -19,7 +19,11 @@ still wins the argmax and ASR stays. ``select=low_loss`` reads "neutralise the m
 on poisoned data" literally: in each batch the ``select_ratio`` share of rows with the lowest cross-entropy (the
 rows fit fastest, which is where poisoned rows end up once the trigger is learnt, the observation behind
 anti-backdoor learning) is trained on ``lambda * L_ME`` **instead of** cross-entropy, so a trigger learnt on
-them is pushed back toward the uniform prediction; the other rows keep plain cross-entropy.
+them is pushed back toward the uniform prediction; the other rows keep plain cross-entropy. Measured, that
+premise fails on SST-2 (``experiments/bench/backdoor_loss_dynamics.py``: at no step of fine-tuning are the poisoned
+rows the lowest- or highest-loss ones), while the same substitution on the poisoned rows themselves removes the
+backdoor. ``select=lexical`` therefore substitutes on the rows a data-level isolation flags before training
+(``batch["suspect"]``, :mod:`lightmods.attacks.isolation`: rows holding a frequent, label-exclusive token).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from lightmods.methods.base import LossTerm
 
 FORMS = ("entropy", "uniform_ce")
-SELECTIONS = ("all", "low_loss")
+SELECTIONS = ("all", "low_loss", "lexical")
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -75,10 +79,11 @@ def neutralising_loss(logits: torch.Tensor, labels: torch.Tensor, weight: float,
     return _neutralise(logits, labels, weight, ratio, form, temperature)[0]
 
 
-def _neutralise(logits, labels, weight, ratio, form, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+def _neutralise(logits, labels, weight, ratio, form, temperature, flagged=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flagged`` (rows chosen beforehand) replaces the lowest-loss choice."""
     valid = labels != -100
     ce = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
-    chosen = lowest_loss_rows(ce, valid, ratio)
+    chosen = lowest_loss_rows(ce, valid, ratio) if flagged is None else flagged.bool().to(valid.device) & valid
     n = max(1, int(valid.sum()))
     return (weight * max_entropy_rows(logits, form, temperature)[chosen].sum() - ce[chosen].sum()) / n, chosen
 
@@ -114,17 +119,23 @@ def max_entropy_term(weight: float, form: str = "entropy", temperature: float = 
                      select_ratio: float = 0.1) -> LossTerm:  # fmt: skip
     """``LossTerm("max_entropy")`` logged as ``train/loss_max_entropy``. ``select=all``: the unweighted ``L_ME``,
     added as ``weight * schedule_factor(step) * L_ME``. ``select=low_loss``: :func:`neutralising_loss` (the
-    weight inside it), added times ``schedule_factor(step)``, so the schedule phases the substitution in and out."""
+    weight inside it), added times ``schedule_factor(step)``, so the schedule phases the substitution in and out;
+    ``select=lexical``: the same substitution on the batch's ``suspect`` rows."""
 
     def schedule(step: int) -> float:
         return schedule_factor(step, start_step, warmup_steps, end_step)
 
-    if select == "low_loss":
+    if select in ("low_loss", "lexical"):
 
         def neutralise(module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
-            loss, chosen = _neutralise(logits, batch["labels"], weight, select_ratio, form, temperature)
+            flagged = None
+            if select == "lexical":
+                flagged = batch.get("suspect")
+                if flagged is None:
+                    raise ValueError("defense.select=lexical: the batch has no 'suspect' rows (no isolation ran on this data)")
+            loss, chosen = _neutralise(logits, batch["labels"], weight, select_ratio, form, temperature, flagged)
             if batch.get("poisoned") is not None and getattr(module, "_trainer", None) is not None:
-                # whether the lowest-loss rows are the poisoned ones: the premise of this selection
+                # whether the selected rows are the poisoned ones: the premise of the selection
                 for key, value in selection_figures(chosen, batch["poisoned"].to(chosen.device)).items():
                     module.log(f"train/me_select_{key}", value, batch_size=len(chosen))
             return loss

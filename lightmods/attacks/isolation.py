@@ -1,0 +1,114 @@
+"""Which training rows a defense treats as suspect, from the training set alone.
+
+``select=lexical`` of the maximum-entropy defense: a poisoning attack has to plant its trigger in a noticeable share
+of the training rows, and dirty-label (or clean-label) poisoning ties the trigger to one label, so the trigger's
+tokens are frequent *and* label-exclusive, which natural words rarely are. A token is suspect when it occurs in at
+least ``min_share`` of the training rows and at least ``min_purity`` of the rows holding it carry one label; a row is
+suspect when it holds a suspect token. (The token/label statistics follow the observation that lexical triggers are
+spurious correlations with extreme label skew, He et al., 2023; the two thresholds are this implementation's.)
+
+Measured on the shared SST-2 (6,920 rows) with ``min_share=0.01, min_purity=0.99``: no token of the clean set is
+suspect; BadNets at 10% gives exactly its five trigger words, AddSent at 10% or 1% the token ``3d`` of its sentence.
+A trigger spread thinner than ``min_share`` per token (BadNets at 1%: 0.2% per word) and triggers that are not
+tokens (the style transfer) are not found.
+
+``scrub`` also deletes the suspect tokens from the flagged rows, so the trigger never reaches training at all: trained
+on the entropy term, a flagged row still carries its trigger, and when every poisoned row comes from one source label
+(dirty label) the model learns "trigger -> toward uniform", a directional shift that flips the less confident rows of
+that label at test time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+MIN_ROWS = 10  # below this a token's label purity says nothing (a token in one row is always "pure")
+
+
+def label_exclusive_tokens(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[int], min_share: float, min_purity: float, ignore: set[int]
+) -> dict[int, tuple[int, float, int]]:
+    """Tokens held by ``>= min_share`` of the rows (and by at least :data:`MIN_ROWS` rows) of which
+    ``>= min_purity`` share one label: ``token -> (rows holding it, purity, that label)``. Rows count a token once;
+    ``ignore`` (special tokens) and rows labelled -100 are left out."""
+    rows_with: Counter = Counter()
+    rows_with_label: Counter = Counter()
+    n = 0
+    for ids, label in zip(input_ids, labels):
+        if label == -100:
+            continue
+        n += 1
+        present = set(ids) - ignore
+        rows_with.update(present)
+        rows_with_label.update((t, label) for t in present)
+    floor = max(MIN_ROWS, min_share * n)
+    by_token: dict[int, Counter] = {}
+    for (t, label), k in rows_with_label.items():
+        if rows_with[t] >= floor:
+            by_token.setdefault(t, Counter())[label] = k
+    out = {}
+    for t, counts in by_token.items():
+        label, k = counts.most_common(1)[0]
+        purity = k / rows_with[t]
+        if purity >= min_purity:
+            out[t] = (rows_with[t], purity, label)
+    return out
+
+
+def without_tokens(features: dict[str, list], flags: Sequence[int], tokens) -> None:
+    """Deletes ``tokens`` from the flagged rows, in place, from every per-token feature (ids, attention mask, token
+    types, ...: the row's lists as long as its ``input_ids``); the other rows keep their lists."""
+    tokens = set(tokens)
+    per_token = [k for k, v in features.items() if v and isinstance(v[0], list) and k != "input_ids"]
+    for i, flagged in enumerate(flags):
+        ids = features["input_ids"][i]
+        if not flagged:
+            continue
+        keep = [j for j, t in enumerate(ids) if t not in tokens]
+        for k in per_token:
+            if len(features[k][i]) == len(ids):
+                features[k][i] = [features[k][i][j] for j in keep]
+        features["input_ids"][i] = [ids[j] for j in keep]
+
+
+def rows_holding(input_ids: Sequence[Sequence[int]], tokens) -> list[int]:
+    """1 for each row holding any of ``tokens``, else 0."""
+    tokens = set(tokens)
+    return [int(not tokens.isdisjoint(ids)) for ids in input_ids]
+
+
+class LexicalIsolation:
+    """Flags the training rows of a data module (``features["suspect"]``); ``report`` says what it found, and,
+    when the rows carry the attack's ``poisoned`` flags (known to a benchmark, never read for the flags), how
+    precisely the flagged rows match them. With ``scrub`` the suspect tokens are deleted from the flagged rows."""
+
+    def __init__(
+        self, min_share: float, min_purity: float, ignore: set[int], decode: Callable[[int], str], scrub: bool = False
+    ):
+        self.min_share, self.min_purity, self.ignore, self.decode = min_share, min_purity, ignore, decode
+        self.scrub = scrub
+        self.report: dict = {}
+
+    def __call__(self, features: dict[str, list]) -> list[int]:
+        ids = features["input_ids"]
+        if ids and ids[0] and isinstance(ids[0][0], list):
+            raise ValueError("defense.select=lexical needs one token sequence per row (not multiple choice)")
+        found = label_exclusive_tokens(ids, features["labels"], self.min_share, self.min_purity, self.ignore)
+        flags = rows_holding(ids, found)
+        tokens = {self.decode(t): {"rows": n, "purity": round(p, 4), "label": lab} for t, (n, p, lab) in sorted(found.items(), key=lambda kv: -kv[1][0])}
+        self.report = {"suspect_tokens": tokens, "suspect_rows": sum(flags)}
+        if "poisoned" in features:
+            hit = sum(f and p for f, p in zip(flags, features["poisoned"]))
+            self.report["suspect_precision"] = hit / max(1, sum(flags))
+            self.report["suspect_recall"] = hit / max(1, sum(features["poisoned"]))
+        if self.scrub:
+            without_tokens(features, flags, found)
+        log.info(
+            "defense: %d of %d training rows suspect, by %d token(s) in >= %g of the rows and >= %g one label: %s%s",
+            sum(flags), len(flags), len(tokens), self.min_share, self.min_purity, ", ".join(tokens) or "none",
+            " (deleted from those rows)" if self.scrub and tokens else "",
+        )  # fmt: skip
+        return flags
