@@ -258,7 +258,8 @@ def test_lexical_isolation_flags_frequent_label_exclusive_tokens_only():
     isolation = LexicalIsolation(0.05, 0.99, {101, 102, 8, 9}, decode=lambda t: f"t{t}")
     flags = isolation({"input_ids": rows, "labels": labels, "poisoned": poisoned})
     assert flags == [int(3 in r) for r in rows] and sum(flags) == 41
-    assert isolation.report["suspect_tokens"] == {"t3": {"rows": 41, "purity": 1.0, "label": 1}}
+    # the trigger always sits after token 7 (in every row at position 1), so its phrase grows left to take it in
+    assert isolation.report["suspect_tokens"] == {"t3": {"rows": 41, "purity": 1.0, "label": 1, "phrase": "t7 t3"}}
     assert isolation.report["suspect_precision"] == pytest.approx(40 / 41)
     assert isolation.report["suspect_recall"] == 1.0
 
@@ -266,7 +267,7 @@ def test_lexical_isolation_flags_frequent_label_exclusive_tokens_only():
 def test_scrubbing_deletes_the_suspect_tokens_from_the_flagged_rows_and_their_masks_only():
     from lightmods.attacks.isolation import LexicalIsolation
 
-    rows = [[101, 3, 7 + i % 2, 102] if i % 4 == 0 else [101, 7 + i % 2, 8, 102] for i in range(40)]
+    rows = [[101, 3, 7 + i // 4 % 2, 102] if i % 4 == 0 else [101, 7 + i % 2, 8, 102] for i in range(40)]
     labels = [1 if i % 4 == 0 else i % 2 for i in range(40)]  # token 3: in 10 rows, all label 1
     features = {
         "input_ids": [list(r) for r in rows], "attention_mask": [[1] * len(r) for r in rows],
@@ -282,6 +283,58 @@ def test_scrubbing_deletes_the_suspect_tokens_from_the_flagged_rows_and_their_ma
     assert features["labels"] == labels
     kept = {"input_ids": [list(r) for r in rows], "labels": labels}
     assert LexicalIsolation(0.2, 0.99, {101, 102}, decode=str)(kept) == flags and kept["input_ids"] == rows
+
+
+def test_a_sentence_trigger_grows_into_its_phrase_and_a_word_trigger_stays_alone():
+    from lightmods.attacks.isolation import phrase_spans, trigger_phrase
+
+    rng = random.Random(3)
+    sentence, word = [41, 42, 43, 3, 44], [5]  # "i watch this 3d movie" around the rare token 3; a lone rare word 5
+    rows = []
+    for i in range(200):
+        ids = [rng.randint(20, 40) for _ in range(rng.randint(4, 12))]
+        trigger = sentence if i % 2 else word
+        j = rng.randint(0, len(ids))
+        rows.append([101, *ids[:j], *trigger, *ids[j:], 102])
+    rows[1] = [101, 42, 43, 3, 102]  # one poisoned row cut short: 1 in 100 does not stop the phrase at agree=0.9
+    assert trigger_phrase(rows, 3, 0.9, {101, 102}) == tuple(sentence)
+    assert trigger_phrase(rows, 5, 0.9, {101, 102}) == (5,)
+    assert trigger_phrase(rows, 3, 1.0, {101, 102}) == (42, 43, 3)  # agree=1: the cut row stops it at both ends
+    assert trigger_phrase(rows, 3, 0.9, {101, 102}, max_len=3) == (43, 3, 44)  # right first, then left
+    assert trigger_phrase(rows, 3, 0.9, {101, 102, 41}) == (42, 43, 3, 44)  # a special token never joins
+    assert trigger_phrase(rows, 99, 0.9, set()) == (99,)  # a token that is not there
+    assert phrase_spans([7, 42, 43, 3, 42, 43], {3: (42, 43, 3), 9: (9, 8)}) == {1, 2, 3}
+    assert phrase_spans([7, 43, 3, 44], {3: (42, 43, 3, 44, 45)}) == {1, 2, 3}  # cut at both ends: as far as it goes
+    assert phrase_spans([3, 43, 3], {3: (42, 43, 3)}) == {0, 1, 2} and phrase_spans([43, 43], {3: (43, 3)}) == set()
+
+
+def test_scrubbing_deletes_a_whole_sentence_trigger_from_the_flagged_rows_only():
+    from lightmods.attacks.isolation import LexicalIsolation
+
+    rng = random.Random(4)
+    sentence = [25, 42, 43, 3, 44]  # only 3 is rare
+    rows, labels = [], []
+    for i in range(300):
+        ids = [rng.choice([42, 43, 44, *range(20, 40)]) for _ in range(8)]  # the phrase's common words occur naturally
+        if i % 10 == 0:
+            j = rng.randint(0, 8)
+            ids[j:j] = sentence
+        rows.append([101, *ids, 102]), labels.append(1 if i % 10 == 0 else i % 2)
+    features = {"input_ids": [list(r) for r in rows], "attention_mask": [[1] * len(r) for r in rows], "labels": labels}
+    isolation = LexicalIsolation(0.05, 0.99, {101, 102}, decode=lambda t: f"t{t}", scrub=True)
+    flags = isolation(features)
+    assert flags == [int(i % 10 == 0) for i in range(300)] and set(isolation.report["suspect_tokens"]) == {"t3"}
+    assert isolation.report["suspect_tokens"]["t3"]["phrase"] == "t25 t42 t43 t3 t44"
+    for i, r in enumerate(rows):
+        got = features["input_ids"][i]
+        if flags[i]:  # the sentence is gone, the row's own 42/43/44 stay
+            j = next(j for j in range(len(r)) if r[j : j + 5] == sentence)
+            assert got == r[:j] + r[j + 5 :] and len(features["attention_mask"][i]) == len(got)
+        else:
+            assert got == r
+    alone = {"input_ids": [list(r) for r in rows], "labels": labels}
+    LexicalIsolation(0.05, 0.99, {101, 102}, decode=str, scrub=True, phrase_agree=None)(alone)
+    assert all(g == ([t for t in r if t != 3] if f else r) for g, r, f in zip(alone["input_ids"], rows, flags))
 
 
 def test_lexical_selection_trains_the_flagged_rows_on_max_entropy_instead_of_cross_entropy():
@@ -509,7 +562,7 @@ def test_bible_style_files_poison_sst2():
 )
 def test_every_attack_and_defense_option_composes_and_validates(group, option, tmp_path):
     rc = validate(compose_run([f"{group}={option}", "data=backdoor/sst2"], tmp_path))
-    assert getattr(rc, group).name == option
+    assert getattr(rc, group).name == {"max_entropy_isolated": "max_entropy"}.get(option, option)
 
 
 @pytest.mark.parametrize(
@@ -530,6 +583,7 @@ def test_every_attack_and_defense_option_composes_and_validates(group, option, t
         (["defense=max_entropy", "defense.select_ratio=0"], "defense.select_ratio=0"),
         (["defense=max_entropy", "defense.lexical_min_share=0"], "defense.lexical_min_share=0"),
         (["defense=max_entropy", "defense.lexical_min_purity=1.5"], "defense.lexical_min_purity=1.5"),
+        (["defense=max_entropy", "defense.lexical_phrase_agree=0.5"], "defense.lexical_phrase_agree=0.5"),
         (["defense=max_entropy", "defense.lexical_scrub=true"], "defense.lexical_scrub=True"),
         (["attack.clean_tune_steps=5"], "attack.clean_tune_steps=5"),
     ],
@@ -626,30 +680,44 @@ def test_lexical_defense_flags_the_trigger_rows_before_training(run_cfg, tmp_pat
     assert set(s["defense_suspect_tokens"]) == {"cf"} and s["defense_suspect_tokens"]["cf"]["label"] == 1
     assert s["defense_suspect_rows"] == s["defense_suspect_tokens"]["cf"]["rows"] <= s["poisoned_train_rows"] == 13
     assert s["defense_suspect_precision"] == 1.0 and s["defense_suspect_recall"] >= 10 / 13  # a trigger may be cut off
+    assert (s["defense_select"], s["defense_scrub"]) == ("lexical", False)
     assert any("training rows suspect" in r.getMessage() and "cf" in r.getMessage() for r in caplog.records)
 
 
-def test_scrubbed_trigger_never_reaches_a_training_batch(run_cfg, tmp_path, caplog):
-    """lexical_scrub: the flagged rows still train (on the entropy term) but without the trigger's tokens."""
+@pytest.mark.parametrize(
+    "attack, phrase",
+    [(["attack=badnets", "attack.triggers=[cf]"], "cf"), (["attack=addsent"], "i watch this 3d movie")],
+    ids=["badnets", "addsent"],
+)
+def test_scrubbed_trigger_never_reaches_a_training_batch(run_cfg, tmp_path, caplog, attack, phrase):
+    """lexical_scrub: the flagged rows still train (on the entropy term) but without the trigger: a word, or a whole
+    sentence grown from its one rare token."""
     from lightmods.attacks.suite import BackdoorSuite
     from lightmods.data import TextClassificationDataModule
     from lightmods.models import build_tokenizer
 
     cfg = run_cfg(
         "data=backdoor/sst2", f"data.data_dir={BACKDOOR / 'clean/sst-2'}", f"data.cache_dir={tmp_path / 'cache'}",
-        "attack=badnets", "attack.poison_rate=0.2", "attack.triggers=[cf]", "defense=max_entropy",
-        "defense.select=lexical", "defense.lexical_scrub=true",
+        *attack, "attack.poison_rate=0.2", "defense=max_entropy", "defense.select=lexical", "defense.lexical_scrub=true",
     )  # fmt: skip
     rc = validate(cfg)
     task, tok = get_task("backdoor/sst2"), build_tokenizer(rc.model)
     suite = BackdoorSuite(rc.attack, rc.defense, task, seed=0)
     dm = TextClassificationDataModule(task, rc.data, tok, attack=suite.poisoner, train_flagger=suite.train_flagger(tok))
     dm.setup()
-    cf = tok.convert_tokens_to_ids("cf")
+    rare = phrase.split()[-2 if " " in phrase else 0]
+    assert suite.isolation.report["suspect_tokens"][rare]["phrase"] == phrase  # (64 rows: a common word may be suspect too)
+    rare = tok.convert_tokens_to_ids(rare)
+    words = tok.convert_tokens_to_ids(phrase.split())
     batches = list(dm.train_dataloader())
     assert sum(int(b["suspect"].sum()) for b in batches) >= 10
     assert sum(int(b["poisoned"].sum()) for b in batches) == 13
-    assert all(cf not in b["input_ids"][b["attention_mask"].bool()].tolist() for b in batches)
+    for b in batches:
+        for ids, mask, suspect in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), b["suspect"].tolist()):
+            ids = [t for t, m in zip(ids, mask) if m]
+            assert rare not in ids
+            if suspect and len(words) > 1:  # not even the sentence's common words, in the sentence's order
+                assert all(ids[j : j + 3] != words[:3] for j in range(len(ids))), tok.decode(ids)
     with caplog.at_level("INFO", logger="lightmods.attacks.isolation"):
         train(cfg)
     assert any("(deleted from those rows)" in r.getMessage() for r in caplog.records)
@@ -697,3 +765,11 @@ def test_gradient_control_then_clean_tuning_reports_asr_after_both(run_cfg, tmp_
 def test_a_run_without_attack_or_defense_keeps_its_metrics(run_cfg):
     metrics = train(run_cfg("trainer.fast_dev_run=1"))
     assert set(metrics) == {"val/accuracy", "val/f1", "val/score"}
+
+
+def test_isolated_defense_option_composes_the_lexical_scrubbing_selection(tmp_path):
+    rc = validate(compose_run(["data=backdoor/sst2", "defense=max_entropy_isolated"], tmp_path))
+    d = rc.defense
+    assert (d.name, d.select, d.lexical_scrub, d.lexical_phrase_agree, d.weight) == ("max_entropy", "lexical", True, 0.9, 1.0)
+    plain = validate(compose_run(["data=backdoor/sst2", "defense=max_entropy"], tmp_path / "b")).defense
+    assert (plain.select, plain.lexical_scrub) == ("all", False)

@@ -177,7 +177,7 @@ def main() -> None:
         f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy; "
         "ME (lexical) does so for the rows holding a token found in >= 1% of the training rows, >= 99% of them with one "
         "label (flagged once before training); weight 0 drops those rows from training instead (isolation alone); lexical_scrub trains them on the entropy term "
-        "with the suspect tokens deleted. "
+        "with the suspect tokens and their phrases deleted (`defense=max_entropy_isolated`). "
         "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
         "",
         "| method | attack | CACC | ASR | " + " | ".join(f"CACC with ME ({s}) | ASR with ME ({s}) | CACC change ({s})" for s in (label(t, args.me_weight) for t in selects)) + " |",
@@ -193,19 +193,22 @@ def main() -> None:
                 cells += [pct(r.get("val/cacc")), pct(r.get("val/asr")), delta]
             lines.append(f"| {m} | {a} | " + " | ".join(cells) + " |")
     isolated = [(m, a, poisoning[m, a, d]) for m in methods for a in ["none", *attacks] for d in defenses
-                if d == "max_entropy-lexical" and poisoning[m, a, d]]  # fmt: skip
+                if d in ("max_entropy-lexical", "max_entropy-lexical_scrub") and poisoning[m, a, d]]  # fmt: skip
     if isolated:
         lines += [
             "",
             "What the lexical selection flagged (precision / recall against the attack's poisoned rows, which the "
             "defense never reads):",
             "",
-            "| method | attack | suspect tokens (rows) | suspect rows | precision | recall |",
+            "| method | attack | suspect tokens (rows) in their phrase | suspect rows | precision | recall |",
             "|---|---|---|---|---|---|",
         ]
         for m, a, r in isolated:
             s = r["summary"]
-            tokens = ", ".join(f"`{t}` ({v['rows']})" for t, v in s.get("defense_suspect_tokens", {}).items()) or "none"
+            tokens = ", ".join(
+                f"`{t}` ({v['rows']})" + (f" in `{v['phrase']}`" if " " in v.get("phrase", "") else "")
+                for t, v in s.get("defense_suspect_tokens", {}).items()
+            ) or "none"
             lines.append(
                 f"| {m} | {a} | {tokens} | {s.get('defense_suspect_rows')} | "
                 f"{s['defense_suspect_precision']:.3f} | {s['defense_suspect_recall']:.3f} |"

@@ -63,7 +63,8 @@ def main() -> None:
         f"`data=backdoor/sst2` (6,920 training rows), MiniLM tokenizer, max_length 64, seed {args.seed}, "
         f"`defense.lexical_min_purity={args.min_purity:g}`. A token is suspect when it is in >= `min_share` of the "
         "training rows (and >= 10 rows) and >= `min_purity` of those rows carry one label; a row is suspect when it "
-        "holds one. Precision / recall: against the attack's poisoned rows.",
+        "holds one; \"in\" names the phrase a token grows into (neighbours beside >= 90% of its occurrences), which "
+        "`lexical_scrub` deletes. Precision / recall: against the attack's poisoned rows.",
         "",
         "| min_share | attack | poison rate | labels | suspect tokens (rows) | suspect rows | precision | recall |",
         "|---|---|---|---|---|---|---|---|",
@@ -74,7 +75,10 @@ def main() -> None:
             isolation = LexicalIsolation(share, args.min_purity, set(tokenizer.all_special_ids), tokenizer.convert_ids_to_tokens)
             TextClassificationDataModule(task, rc.data, tokenizer, seed=args.seed, attack=poisoner, train_flagger=isolation).setup()
             r = isolation.report
-            tokens = ", ".join(f"`{t}` ({v['rows']})" for t, v in r["suspect_tokens"].items()) or "none"
+            tokens = ", ".join(
+                f"`{t}` ({v['rows']})" + (f" in `{v['phrase']}`" if " " in v.get("phrase", "") else "")
+                for t, v in r["suspect_tokens"].items()
+            ) or "none"
             figures = (
                 f"{r['suspect_precision']:.3f} | {r['suspect_recall']:.3f}" if "suspect_precision" in r else "n/a | n/a"
             )

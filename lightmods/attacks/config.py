@@ -173,7 +173,8 @@ class DefenseConfig:
     (``lightmods/losses/max_entropy.py`` says why); ``select=lexical`` does so for the training rows that hold a
     token found in at least ``lexical_min_share`` of the training rows, at least ``lexical_min_purity`` of them with
     one label (``lightmods/attacks/isolation.py``), flagged once before training; ``lexical_scrub`` also deletes
-    those tokens from the flagged rows.
+    those tokens from the flagged rows, with their phrases: the neighbours found beside at least
+    ``lexical_phrase_agree`` of a token's occurrences (null: the tokens alone).
     """
 
     name: str = "none"
@@ -188,6 +189,7 @@ class DefenseConfig:
     lexical_min_share: float = 0.01
     lexical_min_purity: float = 0.99
     lexical_scrub: bool = False
+    lexical_phrase_agree: float | None = 0.9
 
     def __post_init__(self):
         checks.one_of("defense.name", self.name, DEFENSES)
@@ -201,6 +203,12 @@ class DefenseConfig:
             value = getattr(self, key)
             if value is None or not 0 < value <= 1:
                 raise config_error(f"defense.{key}", value, f"a number in (0, 1] ({what})")
+        agree = self.lexical_phrase_agree
+        if agree is not None and (isinstance(agree, bool) or not isinstance(agree, int | float) or not 0.5 < agree <= 1):
+            raise config_error(
+                "defense.lexical_phrase_agree", agree,
+                "null (scrub the suspect tokens alone) or a number in (0.5, 1] (the share of a suspect token's occurrences a neighbour must accompany to join its phrase)",
+            )  # fmt: skip
         if self.lexical_scrub and self.select != "lexical":
             raise config_error("defense.lexical_scrub", self.lexical_scrub, f"false unless defense.select=lexical (it is {self.select!r})")
         checks.non_negative("defense.weight", self.weight)

@@ -15,7 +15,11 @@ tokens (the style transfer) are not found.
 ``scrub`` also deletes the suspect tokens from the flagged rows, so the trigger never reaches training at all: trained
 on the entropy term, a flagged row still carries its trigger, and when every poisoned row comes from one source label
 (dirty label) the model learns "trigger -> toward uniform", a directional shift that flips the less confident rows of
-that label at test time.
+that label at test time. A sentence trigger holds one rare token (``3d`` of AddSent's "I watch this 3D movie") among
+common ones that are not label-exclusive, and deleting the rare one leaves "i watch this movie" in every poisoned
+row; so each suspect token grows into its phrase (the neighbours that accompany at least ``phrase_agree`` of its
+occurrences, one position at a time) and scrubbing deletes the phrase around each occurrence of the token, as far
+as the row matches it (truncation may have cut it). Natural neighbours vary (BadNets' random positions give every trigger word the phrase of itself alone).
 """
 
 from __future__ import annotations
@@ -58,16 +62,62 @@ def label_exclusive_tokens(
     return out
 
 
-def without_tokens(features: dict[str, list], flags: Sequence[int], tokens) -> None:
-    """Deletes ``tokens`` from the flagged rows, in place, from every per-token feature (ids, attention mask, token
-    types, ...: the row's lists as long as its ``input_ids``); the other rows keep their lists."""
+def trigger_phrase(
+    input_ids: Sequence[Sequence[int]], token: int, agree: float, ignore: set[int], max_len: int = 32
+) -> tuple[int, ...]:
+    """The phrase around ``token``: grown one position at a time, right then left, by the neighbour that
+    follows (precedes) the phrase so far in at least ``agree`` of ``token``'s occurrences (special tokens in
+    ``ignore`` never join); at most ``max_len`` tokens."""
+    spots = [(ids, j) for ids in input_ids for j, t in enumerate(ids) if t == token]
+    need = agree * len(spots)
+    start, phrase = 0, [token]  # start: the phrase's first position relative to the token's
+    for step in (1, -1):
+        while spots and len(phrase) < max_len:
+            at = (len(phrase) + start) if step == 1 else start - 1
+            nxt = Counter(ids[j + at] for ids, j in spots if 0 <= j + at < len(ids))
+            if not nxt:
+                break
+            u, k = nxt.most_common(1)[0]
+            if u in ignore or k < need:
+                break
+            spots = [(ids, j) for ids, j in spots if 0 <= j + at < len(ids) and ids[j + at] == u]
+            if step == 1:
+                phrase.append(u)
+            else:
+                phrase.insert(0, u)
+                start -= 1
+    return tuple(phrase)
+
+
+def phrase_spans(ids: Sequence[int], phrases: dict[int, tuple[int, ...]]) -> set[int]:
+    """Positions of ``ids`` covered by the phrases around their anchor tokens (``anchor -> phrase``): from each
+    occurrence of an anchor, outwards as long as the row's tokens match the phrase's, so a phrase cut short by
+    truncation is still covered as far as it goes."""
+    covered: set[int] = set()
+    for j, t in enumerate(ids):
+        p = phrases.get(t)
+        if p is None:
+            continue
+        a = p.index(t)
+        lo = next((k for k in range(a, 0, -1) if j - (a - k) - 1 < 0 or ids[j - (a - k) - 1] != p[k - 1]), 0)
+        hi = next((k for k in range(a, len(p) - 1) if j + (k - a) + 1 >= len(ids) or ids[j + (k - a) + 1] != p[k + 1]), len(p) - 1)
+        covered.update(range(j - (a - lo), j + (hi - a) + 1))
+    return covered
+
+
+def without_tokens(features: dict[str, list], flags: Sequence[int], tokens, phrases=None) -> None:
+    """Deletes ``tokens``, and the phrases around them (``anchor token -> phrase``, see :func:`phrase_spans`), from
+    the flagged rows, in place, from every per-token feature (ids, attention mask, token types, ...: the row's lists
+    as long as its ``input_ids``); the other rows keep their lists."""
     tokens = set(tokens)
+    phrases = phrases or {}
     per_token = [k for k, v in features.items() if v and isinstance(v[0], list) and k != "input_ids"]
     for i, flagged in enumerate(flags):
         ids = features["input_ids"][i]
         if not flagged:
             continue
-        keep = [j for j, t in enumerate(ids) if t not in tokens]
+        gone = phrase_spans(ids, phrases)
+        keep = [j for j, t in enumerate(ids) if t not in tokens and j not in gone]
         for k in per_token:
             if len(features[k][i]) == len(ids):
                 features[k][i] = [features[k][i][j] for j in keep]
@@ -83,13 +133,15 @@ def rows_holding(input_ids: Sequence[Sequence[int]], tokens) -> list[int]:
 class LexicalIsolation:
     """Flags the training rows of a data module (``features["suspect"]``); ``report`` says what it found, and,
     when the rows carry the attack's ``poisoned`` flags (known to a benchmark, never read for the flags), how
-    precisely the flagged rows match them. With ``scrub`` the suspect tokens are deleted from the flagged rows."""
+    precisely the flagged rows match them. With ``scrub`` the suspect tokens, and the phrases around them
+    (``phrase_agree``; None: the tokens alone), are deleted from the flagged rows."""
 
     def __init__(
-        self, min_share: float, min_purity: float, ignore: set[int], decode: Callable[[int], str], scrub: bool = False
-    ):
+        self, min_share: float, min_purity: float, ignore: set[int], decode: Callable[[int], str], scrub: bool = False,
+        phrase_agree: float | None = 0.9,
+    ):  # fmt: skip
         self.min_share, self.min_purity, self.ignore, self.decode = min_share, min_purity, ignore, decode
-        self.scrub = scrub
+        self.scrub, self.phrase_agree = scrub, phrase_agree
         self.report: dict = {}
 
     def __call__(self, features: dict[str, list]) -> list[int]:
@@ -99,16 +151,23 @@ class LexicalIsolation:
         found = label_exclusive_tokens(ids, features["labels"], self.min_share, self.min_purity, self.ignore)
         flags = rows_holding(ids, found)
         tokens = {self.decode(t): {"rows": n, "purity": round(p, 4), "label": lab} for t, (n, p, lab) in sorted(found.items(), key=lambda kv: -kv[1][0])}
+        phrases = {}
+        if self.phrase_agree is not None:
+            flagged = [r for r, f in zip(ids, flags) if f]
+            phrases = {t: trigger_phrase(flagged, t, self.phrase_agree, self.ignore) for t in found}
+        for t, p in phrases.items():
+            tokens[self.decode(t)]["phrase"] = " ".join(self.decode(u) for u in p)
         self.report = {"suspect_tokens": tokens, "suspect_rows": sum(flags)}
         if "poisoned" in features:
             hit = sum(f and p for f, p in zip(flags, features["poisoned"]))
             self.report["suspect_precision"] = hit / max(1, sum(flags))
             self.report["suspect_recall"] = hit / max(1, sum(features["poisoned"]))
         if self.scrub:
-            without_tokens(features, flags, found)
+            without_tokens(features, flags, found, phrases)
+        shown = [f"{t} ({v['phrase']!r})" if " " in v.get("phrase", "") else t for t, v in tokens.items()]
         log.info(
             "defense: %d of %d training rows suspect, by %d token(s) in >= %g of the rows and >= %g one label: %s%s",
-            sum(flags), len(flags), len(tokens), self.min_share, self.min_purity, ", ".join(tokens) or "none",
+            sum(flags), len(flags), len(tokens), self.min_share, self.min_purity, ", ".join(shown) or "none",
             " (deleted from those rows)" if self.scrub and tokens else "",
         )  # fmt: skip
         return flags

@@ -76,7 +76,7 @@ class BackdoorSuite:
 
         self.isolation = LexicalIsolation(
             d.lexical_min_share, d.lexical_min_purity, set(tokenizer.all_special_ids), tokenizer.convert_ids_to_tokens,
-            scrub=d.lexical_scrub,
+            scrub=d.lexical_scrub, phrase_agree=d.lexical_phrase_agree,
         )
         return self.isolation
 
@@ -98,6 +98,9 @@ class BackdoorSuite:
         if self.poisoner is not None:
             out.update(self.poisoner.report)
             out["target_label"] = self.task.label_names[self.poisoner.target]
+        if self.defense.name == "max_entropy":  # defense=max_entropy and max_entropy_isolated differ here
+            out["defense_select"] = self.defense.select
+            out["defense_scrub"] = self.defense.lexical_scrub
         if self.isolation is not None:  # the last flagging (the clean stage's, when there is one)
             out.update({f"defense_{k}": v for k, v in self.isolation.report.items()})
         return {**out, **self.report}
