@@ -195,6 +195,8 @@ def main() -> None:
     isolated = [(m, a, poisoning[m, a, d]) for m in methods for a in ["none", *attacks] for d in defenses
                 if d in ("max_entropy-lexical", "max_entropy-lexical_scrub") and poisoning[m, a, d]]  # fmt: skip
     if isolated:
+        from lightmods.attacks.isolation import describe_suspects
+
         lines += [
             "",
             "What the lexical selection flagged (precision / recall against the attack's poisoned rows, which the "
@@ -205,10 +207,7 @@ def main() -> None:
         ]
         for m, a, r in isolated:
             s = r["summary"]
-            tokens = ", ".join(
-                f"`{t}` ({v['rows']})" + (f" in `{v['phrase']}`" if " " in v.get("phrase", "") else "")
-                for t, v in s.get("defense_suspect_tokens", {}).items()
-            ) or "none"
+            tokens = ", ".join(describe_suspects(s.get("defense_suspect_tokens", {}))) or "none"
             lines.append(
                 f"| {m} | {a} | {tokens} | {s.get('defense_suspect_rows')} | "
                 f"{s['defense_suspect_precision']:.3f} | {s['defense_suspect_recall']:.3f} |"

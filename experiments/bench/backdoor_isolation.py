@@ -46,7 +46,7 @@ def main() -> None:
         sys.exit(f"--min-shares={args.min_shares} / --min-purity={args.min_purity}: accepted: numbers in (0, 1]")
 
     from lightmods.attacks.config import AttackConfig
-    from lightmods.attacks.isolation import LexicalIsolation
+    from lightmods.attacks.isolation import LexicalIsolation, describe_suspects
     from lightmods.attacks.poison import build_poisoner
     from lightmods.config import validate
     from lightmods.data import TextClassificationDataModule
@@ -75,10 +75,7 @@ def main() -> None:
             isolation = LexicalIsolation(share, args.min_purity, set(tokenizer.all_special_ids), tokenizer.convert_ids_to_tokens)
             TextClassificationDataModule(task, rc.data, tokenizer, seed=args.seed, attack=poisoner, train_flagger=isolation).setup()
             r = isolation.report
-            tokens = ", ".join(
-                f"`{t}` ({v['rows']})" + (f" in `{v['phrase']}`" if " " in v.get("phrase", "") else "")
-                for t, v in r["suspect_tokens"].items()
-            ) or "none"
+            tokens = ", ".join(describe_suspects(r["suspect_tokens"])) or "none"
             figures = (
                 f"{r['suspect_precision']:.3f} | {r['suspect_recall']:.3f}" if "suspect_precision" in r else "n/a | n/a"
             )

@@ -99,29 +99,39 @@ def phrase_spans(ids: Sequence[int], phrases: dict[int, tuple[int, ...]]) -> set
         if p is None:
             continue
         a = p.index(t)
-        lo = next((k for k in range(a, 0, -1) if j - (a - k) - 1 < 0 or ids[j - (a - k) - 1] != p[k - 1]), 0)
-        hi = next((k for k in range(a, len(p) - 1) if j + (k - a) + 1 >= len(ids) or ids[j + (k - a) + 1] != p[k + 1]), len(p) - 1)
-        covered.update(range(j - (a - lo), j + (hi - a) + 1))
+        left = right = 0
+        while left < a and j - left > 0 and ids[j - left - 1] == p[a - left - 1]:
+            left += 1
+        while a + right + 1 < len(p) and j + right + 1 < len(ids) and ids[j + right + 1] == p[a + right + 1]:
+            right += 1
+        covered.update(range(j - left, j + right + 1))
     return covered
 
 
-def without_tokens(features: dict[str, list], flags: Sequence[int], tokens, phrases=None) -> None:
-    """Deletes ``tokens``, and the phrases around them (``anchor token -> phrase``, see :func:`phrase_spans`), from
-    the flagged rows, in place, from every per-token feature (ids, attention mask, token types, ...: the row's lists
-    as long as its ``input_ids``); the other rows keep their lists."""
-    tokens = set(tokens)
-    phrases = phrases or {}
+def without_phrases(features: dict[str, list], flags: Sequence[int], phrases: dict[int, tuple[int, ...]]) -> None:
+    """Deletes the phrases around their anchor tokens (``anchor -> phrase``, see :func:`phrase_spans`; ``(anchor,)``
+    deletes the token alone) from the flagged rows, in place, from every per-token feature (ids, attention mask,
+    token types, ...: the row's lists as long as its ``input_ids``); the other rows keep their lists."""
     per_token = [k for k, v in features.items() if v and isinstance(v[0], list) and k != "input_ids"]
     for i, flagged in enumerate(flags):
         ids = features["input_ids"][i]
         if not flagged:
             continue
         gone = phrase_spans(ids, phrases)
-        keep = [j for j, t in enumerate(ids) if t not in tokens and j not in gone]
+        keep = [j for j in range(len(ids)) if j not in gone]
         for k in per_token:
             if len(features[k][i]) == len(ids):
                 features[k][i] = [features[k][i][j] for j in keep]
         features["input_ids"][i] = [ids[j] for j in keep]
+
+
+def describe_suspects(suspect_tokens: dict[str, dict], quote: str = "`") -> list[str]:
+    """``token (rows)``, with ``in <phrase>`` when the token grew into one, for each entry of a report's
+    ``suspect_tokens`` (logs and benchmark tables)."""
+    return [
+        f"{quote}{t}{quote} ({v['rows']})" + (f" in {quote}{v['phrase']}{quote}" if " " in v.get("phrase", "") else "")
+        for t, v in suspect_tokens.items()
+    ]
 
 
 def rows_holding(input_ids: Sequence[Sequence[int]], tokens) -> list[int]:
@@ -151,23 +161,22 @@ class LexicalIsolation:
         found = label_exclusive_tokens(ids, features["labels"], self.min_share, self.min_purity, self.ignore)
         flags = rows_holding(ids, found)
         tokens = {self.decode(t): {"rows": n, "purity": round(p, 4), "label": lab} for t, (n, p, lab) in sorted(found.items(), key=lambda kv: -kv[1][0])}
-        phrases = {}
+        phrases = {t: (t,) for t in found}
         if self.phrase_agree is not None:
             flagged = [r for r, f in zip(ids, flags) if f]
             phrases = {t: trigger_phrase(flagged, t, self.phrase_agree, self.ignore) for t in found}
-        for t, p in phrases.items():
-            tokens[self.decode(t)]["phrase"] = " ".join(self.decode(u) for u in p)
+            for t, p in phrases.items():
+                tokens[self.decode(t)]["phrase"] = " ".join(self.decode(u) for u in p)
         self.report = {"suspect_tokens": tokens, "suspect_rows": sum(flags)}
         if "poisoned" in features:
             hit = sum(f and p for f, p in zip(flags, features["poisoned"]))
             self.report["suspect_precision"] = hit / max(1, sum(flags))
             self.report["suspect_recall"] = hit / max(1, sum(features["poisoned"]))
         if self.scrub:
-            without_tokens(features, flags, found, phrases)
-        shown = [f"{t} ({v['phrase']!r})" if " " in v.get("phrase", "") else t for t, v in tokens.items()]
+            without_phrases(features, flags, phrases)
         log.info(
             "defense: %d of %d training rows suspect, by %d token(s) in >= %g of the rows and >= %g one label: %s%s",
-            sum(flags), len(flags), len(tokens), self.min_share, self.min_purity, ", ".join(shown) or "none",
+            sum(flags), len(flags), len(tokens), self.min_share, self.min_purity, ", ".join(describe_suspects(tokens, "'")) or "none",
             " (deleted from those rows)" if self.scrub and tokens else "",
         )  # fmt: skip
         return flags
