@@ -2,7 +2,7 @@
 
     python experiments/bench/backdoor.py [--steps 200] [--clean-tune-steps 200] [--methods lora,full_ft]
         [--attacks badnets,addsent,style] [--me-weight 1.0] [--me-select all,low_loss,lexical,lexical_scrub,lexical:0] [--me-ratio 0.1]
-        [--poison-rate 0.1] [--max-train-samples N]
+        [--poison-rate 0.1] [--forget-attacks badnets,style:0.2] [--gc-variants plain,gc] [--skip-poisoning] [--max-train-samples N]
         [--max-length 64] [--batch-size 32] [--seed 42] [--out experiments/bench/results/backdoor.md]
 
 1. Data poisoning with and without the maximum-entropy defense: for each method and attack, CACC (clean dev
@@ -12,13 +12,17 @@
    selection that does so for the rows holding a frequent label-exclusive token, flagged before training, with
    what it flagged; ``lexical_scrub`` also deletes those tokens from the flagged rows; ``SELECT:W`` runs a selection
    at weight W, ``lexical:0`` dropping the flagged rows); the clean run (``attack=none``) gives the reference CACC.
-2. Backdoor forgetting: the attacker injects BadNets through the trainable parameters for ``--steps`` steps,
-   the user fine-tunes them on the clean training rows for ``--clean-tune-steps`` steps; ASR after both, for a
-   plain two-task injection (``gradient_control`` with both strategies off) and with gradient control.
+2. Backdoor forgetting: the attacker injects each of ``--forget-attacks`` (``POISONER[:RATE]``, the rate defaulting
+   to ``--poison-rate``; BadNets alone by default) through the trainable parameters for ``--steps`` steps,
+   the user fine-tunes them on the clean training rows for ``--clean-tune-steps`` steps; CACC and ASR after both, for
+   each of ``--gc-variants``: ``plain`` (the two-task injection, both strategies off), ``gc`` (both strategies),
+   ``magnitude`` or ``projection`` (one strategy alone), ``gc_max`` (both, layers scaled to the largest norm).
+   ``--skip-poisoning`` leaves out table 1.
 
 Data: ``data=backdoor/sst2`` (the shared StyleAttack SST-2: 6,920 training and 872 dev sentences), the style attack
 from the shared Bible-style files. Every training runs as its own ``python train.py`` process; a run whose
-``metrics.json`` already exists in the output folder is reused (``--fresh`` reruns everything).
+``metrics.json`` already exists in the output folder is reused (``--fresh`` reruns everything); run names carry the
+poison rate (``-p0.2``) when it is not 0.1, so runs at several rates can share one ``--runs`` folder.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
 BIBLE = ROOT.parent / "shared" / "data" / "backdoor" / "bible" / "sst-2"
 LR = {"lora": 1e-3, "full_ft": 3e-5}
+GC_VARIANTS = {  # --gc-variants: run-name tag -> (table label, attack overrides)
+    "plain": ("plain two-task injection", ["attack.gradient_control.magnitude=false", "attack.gradient_control.projection=false"]),
+    "gc": ("gradient control (both strategies)", []),
+    "magnitude": ("cross-layer magnitude control only", ["attack.gradient_control.projection=false"]),
+    "projection": ("conflict removal only", ["attack.gradient_control.magnitude=false"]),
+    "gc_max": ("gradient control, layers scaled to the max norm", ["attack.gradient_control.magnitude_target=max"]),
+}
 
 
 def run(name: str, args, overrides: list[str]) -> dict | None:
@@ -106,6 +117,16 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--me-ratio", type=float, default=0.1, help="defense.select_ratio of the low_loss selection")
     p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument(
+        "--forget-attacks", default="badnets",
+        help="the injections of the forgetting table, comma-separated POISONER[:RATE] (badnets, addsent, style; "
+             "RATE defaults to --poison-rate), e.g. badnets:0.01,style:0.2",
+    )  # fmt: skip
+    p.add_argument("--skip-poisoning", action="store_true", help="only the forgetting table")
+    p.add_argument(
+        "--gc-variants", default="plain,gc",
+        help=f"the injections compared in the forgetting table, comma-separated: {', '.join(GC_VARIANTS)}",
+    )  # fmt: skip
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
@@ -120,21 +141,40 @@ def main() -> None:
     args = p.parse_args()
     methods, attacks, selects = args.methods.split(","), args.attacks.split(","), args.me_select.split(",")
     defenses = ["none", *(f"max_entropy-{sel}" for sel in selects)]
+    if args.skip_poisoning and args.skip_forgetting:
+        sys.exit("--skip-poisoning with --skip-forgetting leaves nothing to run; accepted: at most one of them")
+    forget_attacks = []
+    for token in args.forget_attacks.split(","):
+        poisoner, _, rate = token.partition(":")
+        if poisoner not in ("badnets", "addsent", "style"):
+            sys.exit(f"--forget-attacks: {poisoner!r} in {args.forget_attacks!r}; accepted: badnets, addsent, style (each POISONER[:RATE])")
+        try:
+            forget_attacks.append((poisoner, float(rate) if rate else args.poison_rate))
+        except ValueError:
+            sys.exit(f"--forget-attacks: rate {rate!r} of {poisoner!r} is not a number (accepted: POISONER[:RATE], RATE in (0, 1])")
+        if not 0 < forget_attacks[-1][1] <= 1:
+            sys.exit(f"--forget-attacks: rate {forget_attacks[-1][1]:g} of {poisoner!r}; accepted: a poison rate in (0, 1]")
+    gc_variants = args.gc_variants.split(",")
+    if unknown := [v for v in gc_variants if v not in GC_VARIANTS]:
+        sys.exit(f"--gc-variants: {', '.join(unknown)} in {args.gc_variants!r}; accepted: {', '.join(GC_VARIANTS)}")
     started = time.perf_counter()
 
-    def attack_overrides(a: str) -> list[str]:
+    def attack_overrides(a: str, rate: float) -> list[str]:
         base = [f"attack={a}"]
         if a != "none":
-            base.append(f"attack.poison_rate={args.poison_rate}")
+            base.append(f"attack.poison_rate={rate}")
         if a == "style":
             base.append(f"attack.poisoned_dir={BIBLE}")
         return base
 
+    def rate_tag(a: str, rate: float) -> str:
+        return "" if a == "none" or rate == 0.1 else f"-p{rate:g}"
+
     poisoning: dict = {}
-    for m in methods:
+    for m in methods if not args.skip_poisoning else []:
         for a in ["none", *attacks]:
             for d in defenses:
-                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a), f"defense={d.split('-')[0]}"]
+                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a, args.poison_rate), f"defense={d.split('-')[0]}"]
                 name = f"{m}-{a}-{d}"
                 if d != "none":
                     sel, weight = variant(d.split("-", 1)[1], args.me_weight)
@@ -144,25 +184,20 @@ def main() -> None:
                     name = f"{m}-{a}-max_entropy" + {"all": "", "low_loss": f"-low_loss-{args.me_ratio:g}"}.get(sel, f"-{sel}")
                     if weight != args.me_weight:
                         name += f"-w{weight:g}"
-                poisoning[m, a, d] = run(name, args, extra)
+                poisoning[m, a, d] = run(name + rate_tag(a, args.poison_rate), args, extra)
 
     forgetting: dict = {}
     if not args.skip_forgetting:
-        variants = {
-            "plain two-task injection": [
-                "attack.gradient_control.magnitude=false",
-                "attack.gradient_control.projection=false",
-            ],
-            "gradient control (both strategies)": [],
-        }
-        for m in methods:
-            for v, extra in variants.items():
-                tag = "plain" if extra else "gc"
-                forgetting[m, v] = run(
-                    f"{m}-forget-{tag}", args,
-                    [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", "attack=gradient_control", f"attack.poison_rate={args.poison_rate}",
-                     f"attack.clean_tune_steps={args.clean_tune_steps}", *extra],
-                )  # fmt: skip
+        for poisoner, rate in forget_attacks:
+            injected = ["attack=gradient_control", f"attack.poisoner={poisoner}", *attack_overrides(poisoner, rate)[1:]]
+            which = ("" if poisoner == "badnets" else f"-{poisoner}") + rate_tag(poisoner, rate)
+            for m in methods:
+                for tag in gc_variants:
+                    v, extra = GC_VARIANTS[tag]
+                    forgetting[m, f"{poisoner} {rate:g}", v] = run(
+                        f"{m}-forget{which}-{tag}", args,
+                        [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *injected, f"attack.clean_tune_steps={args.clean_tune_steps}", *extra],
+                    )  # fmt: skip
 
     cmd = "python experiments/bench/backdoor.py " + " ".join(sys.argv[1:])
     lines = [
@@ -171,19 +206,22 @@ def main() -> None:
         f"MiniLM-L6 (all-MiniLM-L6-v2), `data=backdoor/sst2` (StyleAttack SST-2, {args.max_train_samples or 6920} training "
         f"rows, 872 dev rows), max_length {args.max_length}, batch {args.batch_size}, {args.steps} optimizer steps, seed "
         f"{args.seed}, CPU. LoRA r=8 on query/value (lr {LR['lora']}), full fine-tuning lr {LR['full_ft']}. Attacks: dirty label, "
-        f"poison rate {args.poison_rate}, target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
+        + ("" if args.skip_poisoning else f"poison rate {args.poison_rate}, ") + "target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
         'AddSent "I watch this 3D movie" at a random position, style = the shared Bible-style transfer files. '
-        f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`; ME (all) adds it on every row, "
+        + ("" if args.skip_poisoning else f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`; ME (all) adds it on every row, "
         f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy; "
         "ME (lexical) does so for the rows holding a token found in >= 1% of the training rows, >= 99% of them with one "
         "label (flagged once before training); weight 0 drops those rows from training instead (isolation alone); lexical_scrub trains them on the entropy term "
-        "with the suspect tokens and their phrases deleted (`defense=max_entropy_isolated`). "
-        "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
-        "",
-        "| method | attack | CACC | ASR | " + " | ".join(f"CACC with ME ({s}) | ASR with ME ({s}) | CACC change ({s})" for s in (label(t, args.me_weight) for t in selects)) + " |",
-        "|---|---|---|---|" + "---|---|---|" * len(selects),
+        "with the suspect tokens and their phrases deleted (`defense=max_entropy_isolated`). ")
+        + "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
     ]
-    for m in methods:
+    if poisoning:
+        lines += [
+            "",
+            "| method | attack | CACC | ASR | " + " | ".join(f"CACC with ME ({s}) | ASR with ME ({s}) | CACC change ({s})" for s in (label(t, args.me_weight) for t in selects)) + " |",
+            "|---|---|---|---|" + "---|---|---|" * len(selects),
+        ]
+    for m in methods if poisoning else []:
         for a in ["none", *attacks]:
             n = poisoning[m, a, "none"]["metrics"] if poisoning[m, a, "none"] else {}
             cells = [pct(n.get("val/cacc")), pct(n.get("val/asr"))]
@@ -216,17 +254,18 @@ def main() -> None:
     if forgetting:
         lines += [
             "",
-            f"Backdoor forgetting: BadNets injected for {args.steps} steps (two tasks: the batch's clean and poisoned rows), "
+            f"Backdoor forgetting: each attack injected for {args.steps} steps "
+            "(two tasks: the batch's clean and poisoned rows), "
             f"then the user's clean fine-tuning of the same trainable parameters for {args.clean_tune_steps} steps on the clean "
             "training rows (fresh optimizer, same lr).",
             "",
-            "| method | injection | CACC after injection | ASR after injection | CACC after clean tuning | ASR after clean tuning |",
-            "|---|---|---|---|---|---|",
+            "| method | attack, poison rate | injection | CACC after injection | ASR after injection | CACC after clean tuning | ASR after clean tuning |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for (m, v), r in forgetting.items():
+        for (m, a, v), r in forgetting.items():
             s = r["summary"] if r else {}
             lines.append(
-                f"| {m} | {v} | {pct(s.get('cacc_after_injection'))} | {pct(s.get('asr_after_injection'))} | "
+                f"| {m} | {a} | {v} | {pct(s.get('cacc_after_injection'))} | {pct(s.get('asr_after_injection'))} | "
                 f"{pct(s.get('cacc_after_clean_tuning'))} | {pct(s.get('asr_after_clean_tuning'))} |"
             )
     lines += [
