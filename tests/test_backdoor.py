@@ -773,3 +773,17 @@ def test_isolated_defense_option_composes_the_lexical_scrubbing_selection(tmp_pa
     assert (d.name, d.select, d.lexical_scrub, d.lexical_phrase_agree, d.weight) == ("max_entropy", "lexical", True, 0.9, 1.0)
     plain = validate(compose_run(["data=backdoor/sst2", "defense=max_entropy"], tmp_path / "b")).defense
     assert (plain.select, plain.lexical_scrub) == ("all", False)
+
+
+# ---------------------------------------------------------------------------- the backdoor bench's forgetting runs
+def test_bench_forget_attacks_parse_rates_and_name_runs():
+    from experiments.bench.backdoor import parse_forget_attacks, poison_overrides, rate_tag
+
+    assert parse_forget_attacks("badnets:0.01,style", 0.1) == [("badnets", 0.01), ("style", 0.1)]
+    for spec, named in (("foo", "'foo'"), ("style:x", "'x'"), ("addsent:2", "rate 2")):
+        with pytest.raises(ValueError, match=f"--forget-attacks.*{named}.*accepted"):
+            parse_forget_attacks(spec, 0.1)
+    assert rate_tag("badnets", 0.1) == "" and rate_tag("style", 0.2) == "-p0.2" and rate_tag("none", 0.2) == ""
+    assert poison_overrides("none", 0.1) == []
+    assert poison_overrides("badnets", 0.01) == ["attack.poison_rate=0.01"]
+    assert poison_overrides("style", 0.2)[1].startswith("attack.poisoned_dir=")

@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[2]
 BIBLE = ROOT.parent / "shared" / "data" / "backdoor" / "bible" / "sst-2"
 LR = {"lora": 1e-3, "full_ft": 3e-5}
+POISON_RATE = 0.1  # --poison-rate's default; run names omit the rate at this value
 GC_VARIANTS = {  # --gc-variants: run-name tag -> (table label, attack overrides)
     "plain": ("plain two-task injection", ["attack.gradient_control.magnitude=false", "attack.gradient_control.projection=false"]),
     "gc": ("gradient control (both strategies)", []),
@@ -79,6 +80,36 @@ def run(name: str, args, overrides: list[str]) -> dict | None:
     return {"metrics": metrics, "summary": summary}
 
 
+def parse_forget_attacks(spec: str, default_rate: float) -> list[tuple[str, float]]:
+    """``badnets:0.01,style`` -> ``[("badnets", 0.01), ("style", default_rate)]``; ValueError naming the bad entry."""
+    from lightmods.attacks.config import POISONERS
+
+    out = []
+    for token in spec.split(","):
+        poisoner, _, rate = token.partition(":")
+        if poisoner not in POISONERS:
+            raise ValueError(f"--forget-attacks: {poisoner!r} in {spec!r}; accepted: {', '.join(POISONERS)} (each POISONER[:RATE])")
+        try:
+            value = float(rate) if rate else default_rate
+        except ValueError:
+            raise ValueError(f"--forget-attacks: rate {rate!r} of {poisoner!r} is not a number; accepted: POISONER[:RATE], RATE in (0, 1]") from None
+        if not 0 < value <= 1:
+            raise ValueError(f"--forget-attacks: rate {value:g} of {poisoner!r}; accepted: a poison rate in (0, 1]")
+        out.append((poisoner, value))
+    return out
+
+
+def poison_overrides(a: str, rate: float) -> list[str]:
+    """The attack keys of a poisoner (``a``) beyond its name: the rate, and the style files."""
+    if a == "none":
+        return []
+    return [f"attack.poison_rate={rate}", *([f"attack.poisoned_dir={BIBLE}"] if a == "style" else [])]
+
+
+def rate_tag(a: str, rate: float) -> str:
+    return "" if a == "none" or rate == POISON_RATE else f"-p{rate:g}"
+
+
 def variant(token: str, default_weight: float) -> tuple[str, float]:
     """``lexical:0`` -> ("lexical", 0.0); ``all`` -> ("all", the default weight)."""
     sel, _, weight = token.partition(":")
@@ -116,7 +147,7 @@ def main() -> None:
              "instead of --me-weight (lexical:0 = the flagged rows dropped from training, the isolation-only ablation)",
     )  # fmt: skip
     p.add_argument("--me-ratio", type=float, default=0.1, help="defense.select_ratio of the low_loss selection")
-    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--poison-rate", type=float, default=POISON_RATE)
     p.add_argument(
         "--forget-attacks", default="badnets",
         help="the injections of the forgetting table, comma-separated POISONER[:RATE] (badnets, addsent, style; "
@@ -143,38 +174,20 @@ def main() -> None:
     defenses = ["none", *(f"max_entropy-{sel}" for sel in selects)]
     if args.skip_poisoning and args.skip_forgetting:
         sys.exit("--skip-poisoning with --skip-forgetting leaves nothing to run; accepted: at most one of them")
-    forget_attacks = []
-    for token in args.forget_attacks.split(","):
-        poisoner, _, rate = token.partition(":")
-        if poisoner not in ("badnets", "addsent", "style"):
-            sys.exit(f"--forget-attacks: {poisoner!r} in {args.forget_attacks!r}; accepted: badnets, addsent, style (each POISONER[:RATE])")
-        try:
-            forget_attacks.append((poisoner, float(rate) if rate else args.poison_rate))
-        except ValueError:
-            sys.exit(f"--forget-attacks: rate {rate!r} of {poisoner!r} is not a number (accepted: POISONER[:RATE], RATE in (0, 1])")
-        if not 0 < forget_attacks[-1][1] <= 1:
-            sys.exit(f"--forget-attacks: rate {forget_attacks[-1][1]:g} of {poisoner!r}; accepted: a poison rate in (0, 1]")
+    try:
+        forget_attacks = parse_forget_attacks(args.forget_attacks, args.poison_rate)
+    except ValueError as e:
+        sys.exit(str(e))
     gc_variants = args.gc_variants.split(",")
     if unknown := [v for v in gc_variants if v not in GC_VARIANTS]:
         sys.exit(f"--gc-variants: {', '.join(unknown)} in {args.gc_variants!r}; accepted: {', '.join(GC_VARIANTS)}")
     started = time.perf_counter()
 
-    def attack_overrides(a: str, rate: float) -> list[str]:
-        base = [f"attack={a}"]
-        if a != "none":
-            base.append(f"attack.poison_rate={rate}")
-        if a == "style":
-            base.append(f"attack.poisoned_dir={BIBLE}")
-        return base
-
-    def rate_tag(a: str, rate: float) -> str:
-        return "" if a == "none" or rate == 0.1 else f"-p{rate:g}"
-
     poisoning: dict = {}
     for m in methods if not args.skip_poisoning else []:
         for a in ["none", *attacks]:
             for d in defenses:
-                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", *attack_overrides(a, args.poison_rate), f"defense={d.split('-')[0]}"]
+                extra = [f"method={m}", f"method.lr={LR.get(m, 1e-3)}", f"attack={a}", *poison_overrides(a, args.poison_rate), f"defense={d.split('-')[0]}"]
                 name = f"{m}-{a}-{d}"
                 if d != "none":
                     sel, weight = variant(d.split("-", 1)[1], args.me_weight)
@@ -189,7 +202,7 @@ def main() -> None:
     forgetting: dict = {}
     if not args.skip_forgetting:
         for poisoner, rate in forget_attacks:
-            injected = ["attack=gradient_control", f"attack.poisoner={poisoner}", *attack_overrides(poisoner, rate)[1:]]
+            injected = ["attack=gradient_control", f"attack.poisoner={poisoner}", *poison_overrides(poisoner, rate)]
             which = ("" if poisoner == "badnets" else f"-{poisoner}") + rate_tag(poisoner, rate)
             for m in methods:
                 for tag in gc_variants:
@@ -200,20 +213,25 @@ def main() -> None:
                     )  # fmt: skip
 
     cmd = "python experiments/bench/backdoor.py " + " ".join(sys.argv[1:])
+    rate_text, defense_text = "", ""  # what table 1 needs said
+    if poisoning:
+        rate_text = f"poison rate {args.poison_rate}, "
+        defense_text = (
+            f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`; ME (all) adds it on every row, "
+            f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy; "
+            "ME (lexical) does so for the rows holding a token found in >= 1% of the training rows, >= 99% of them with one "
+            "label (flagged once before training); weight 0 drops those rows from training instead (isolation alone); lexical_scrub trains them on the entropy term "
+            "with the suspect tokens and their phrases deleted (`defense=max_entropy_isolated`). "
+        )  # fmt: skip
     lines = [
         f"Made by: `{cmd.strip()}`",
         "",
         f"MiniLM-L6 (all-MiniLM-L6-v2), `data=backdoor/sst2` (StyleAttack SST-2, {args.max_train_samples or 6920} training "
         f"rows, 872 dev rows), max_length {args.max_length}, batch {args.batch_size}, {args.steps} optimizer steps, seed "
         f"{args.seed}, CPU. LoRA r=8 on query/value (lr {LR['lora']}), full fine-tuning lr {LR['full_ft']}. Attacks: dirty label, "
-        + ("" if args.skip_poisoning else f"poison rate {args.poison_rate}, ") + "target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
+        f"{rate_text}target `positive`; BadNets one rare word (cf/mn/bb/tq/mb) at a random position, "
         'AddSent "I watch this 3D movie" at a random position, style = the shared Bible-style transfer files. '
-        + ("" if args.skip_poisoning else f"Defense: maximum entropy, weight {args.me_weight}, constant, `form=entropy`; ME (all) adds it on every row, "
-        f"ME (low_loss) trains the {args.me_ratio:g} share of each batch's lowest-loss rows on it instead of cross-entropy; "
-        "ME (lexical) does so for the rows holding a token found in >= 1% of the training rows, >= 99% of them with one "
-        "label (flagged once before training); weight 0 drops those rows from training instead (isolation alone); lexical_scrub trains them on the entropy term "
-        "with the suspect tokens and their phrases deleted (`defense=max_entropy_isolated`). ")
-        + "CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
+        f"{defense_text}CACC = clean dev accuracy; ASR = share of triggered dev rows whose true label is negative predicted positive (%).",
     ]
     if poisoning:
         lines += [
