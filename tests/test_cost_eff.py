@@ -10,6 +10,10 @@ import pytest
 import torch
 
 from lightmods.config import validate
+from lightmods.config.schema import AugmentDataConfig
+from lightmods.data.augment import span_rows
+from lightmods.data.demo import generate_demo
+from lightmods.data.tasks import get_task
 from lightmods.errors import ConfigError
 from lightmods.exits import get_exits
 from lightmods.export import load_checkpoint_model, load_export
@@ -97,6 +101,19 @@ def test_cost_eff_slenderizes_to_the_targets_end_to_end(run_cfg, teacher):
     assert get_exits(reloaded) is not None and not hasattr(reloaded.bert.pooler.dense, "weight")
     ids = torch.randint(5, 1000, (4, 11), generator=torch.Generator().manual_seed(0))
     assert_same_outputs_and_exits(reloaded, trained, ids, 0.6)
+
+
+def test_span_rows_are_distilled_alongside_the_labelled_ones(run_cfg, teacher):
+    """``data.augment.spans``: every epoch runs over the labelled rows and their unlabelled spans; the losses
+    stay finite whatever share of a batch is unlabelled (here about two thirds)."""
+    cfg = run_cfg(*CE, f"method.teacher={teacher}", "trainer.max_epochs=1", "data.augment.spans=2")
+    rows = generate_demo(2000, 600, 1234)["train"][:64]
+    n_spans = len(span_rows(rows, get_task("demo"), AugmentDataConfig(spans=2), seed=42))
+    assert n_spans > 64
+    metrics = train(cfg)
+    s = read(cfg.paths.output_dir, "summary.json")
+    assert s["status"] == "completed" and s["global_step"] == -(-(64 + n_spans) // 16)
+    assert s["heads_kept_per_layer"] == [2, 2] and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
 def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch):
@@ -214,3 +231,31 @@ def test_config_errors(run_cfg, tmp_path):
             )
         )
         train(run_cfg("method=cost_eff", f"method.teacher={teacher_dir / 'export'}"))
+
+
+def test_bench_compare_tables_finished_runs_and_refuses_unfinished(tmp_path, monkeypatch):
+    from experiments.bench.cost_eff import compare
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "metrics.json").write_text(json.dumps({"val/accuracy": 0.88}))
+    point = {"threshold": 0.5, "accuracy": 0.83, "avg_exit_layer": 2.5, "flops_relative": 0.05}
+    for name, status in (("long", "completed"), ("crashed", "failed")):
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"status": status, "global_step": 3906, "params_total_after": 2_881_644}))
+        full = {**point, "threshold": 0.0, "accuracy": 0.84, "avg_exit_layer": 6.0, "flops_relative": 0.11}
+        curve = {"points": [point, full], "selected": point, "accuracy_per_exit": {"1": 0.76, "2": 0.84}}
+        (d / "exit_curve.json").write_text(json.dumps(curve))
+        (d / ".hydra" / "overrides.yaml").write_text(
+            "- experiment=cost_eff_sst2\n- method.teacher=t/export\n- trainer.max_epochs=18\n- callbacks.progress_bar=false\n"
+        )
+    monkeypatch.setattr("sys.argv", ["cost_eff.py"])
+    out = tmp_path / "table.md"
+    compare([str(tmp_path / "long")], tmp_path / "teacher", out)
+    row = out.read_text().splitlines()[-1]
+    assert row == (
+        f"| {tmp_path.name}/long | `experiment=cost_eff_sst2 trainer.max_epochs=18` | 3906 | 2.88M | 84.00 | 76.0 / 84.0 | "
+        "0.5 | 83.00 | -5.00 | 2.50 | 1/20.0 |"
+    )
+    with pytest.raises(SystemExit, match="not a completed run"):
+        compare([str(tmp_path / "crashed")], tmp_path / "teacher", out)

@@ -1,8 +1,9 @@
 """COST-EFF on MiniLM-L6 + SST-2 against its fine-tuned teacher: parameters, FLOPs, accuracy and measured
 wall-clock speed of early exit.
 
-    python experiments/bench/cost_eff.py [--teacher-epochs 3] [--epochs 6] [--steps N] [--max-train-samples N]
-        [--threads 1] [--reuse] [--out experiments/bench/results/cost_eff.md]
+    python experiments/bench/cost_eff.py [--teacher-epochs 3] [--epochs 18] [--steps N] [--max-train-samples N]
+        [--augment-spans N] [--threads 1] [--reuse] [--runs DIR] [--out experiments/bench/results/cost_eff.md]
+    python experiments/bench/cost_eff.py --runs DIR --compare RUN,RUN,... --out TABLE.md
 
 Runs the two commands of ``conf/experiment/cost_eff_sst2.yaml`` (teacher: ``method=full_ft``; then
 ``experiment=cost_eff_sst2 method.teacher=<teacher>/export``) as ``python train.py`` processes, then, in this
@@ -89,6 +90,24 @@ def dev_batches(batch_size: int, limit: int | None) -> list[dict]:
     return [dm.collator([ds[i] for i in idx[j : j + batch_size]]) for j in range(0, len(idx), batch_size)]
 
 
+def span_note(args) -> str:
+    """What ``--augment-spans`` added to the COST-EFF run's training rows (the teacher trains without them)."""
+    if not args.augment_spans:
+        return ""
+    from lightmods.config.schema import AugmentDataConfig
+    from lightmods.data.augment import span_rows
+    from lightmods.data.readers import read_local_split
+    from lightmods.data.tasks import get_task
+
+    task = get_task("glue/sst2")
+    rows = read_local_split(task, DATA, "train")[: args.max_train_samples]
+    n = len(span_rows(rows, task, AugmentDataConfig(spans=args.augment_spans), args.seed))
+    return (
+        f" and, for COST-EFF, {n:,} unlabelled span rows (`data.augment.spans={args.augment_spans}`: spans of 3 or more "
+        "words of each sentence, learnt from the TA's predictions and hidden states only)"
+    )
+
+
 @torch.no_grad()
 def time_rounds(fns: dict, batches: list[dict], rounds: int) -> dict:
     """Median samples/s of each function over alternating rounds."""
@@ -146,12 +165,51 @@ def plot(curve: dict, teacher_acc: float, path: Path) -> bool:
     return True
 
 
+def compare(run_dirs: list[str], teacher_dir: Path, out: Path) -> None:
+    """A table of finished COST-EFF runs side by side (what their commands changed, accuracy per exit, the
+    selected early-exit point), against the teacher; no timing."""
+    import yaml
+
+    t_acc = json.loads((teacher_dir / "metrics.json").read_text())["val/accuracy"]
+    lines = [
+        "# COST-EFF on MiniLM-L6 + SST-2: schedules and training rows compared",
+        "",
+        "Made by `python " + " ".join(["experiments/bench/cost_eff.py", *sys.argv[1:]]) + "` from finished runs; "
+        f"teacher `{teacher_dir}` at {100 * t_acc:.2f}. Each run's command: `python train.py` + its overrides below.",
+        "",
+        "| run | overrides | steps | params | full depth | per exit 1..L | selected τ | accuracy | vs teacher | avg exit layer | FLOPs vs teacher |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in map(Path, run_dirs):
+        s = json.loads((d / "summary.json").read_text())
+        if s.get("status") != "completed":
+            sys.exit(f"--compare: {d} is not a completed run (summary.json status {s.get('status')!r})")
+        curve = json.loads((d / "exit_curve.json").read_text())
+        overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())
+        shown = [o for o in overrides if not o.startswith(("method.teacher=", "callbacks.", "hydra."))]
+        full = max(curve["points"], key=lambda p: p["avg_exit_layer"])
+        sel = curve["selected"]
+        lines.append(
+            f"| {d.parent.name}/{d.name} | `{' '.join(shown)}` | {s['global_step']} | {s['params_total_after'] / 1e6:.2f}M | "
+            f"{100 * full['accuracy']:.2f} | {' / '.join(f'{100 * v:.1f}' for v in curve['accuracy_per_exit'].values())} | "
+            f"{sel['threshold']:g} | {100 * sel['accuracy']:.2f} | {100 * (sel['accuracy'] - t_acc):+.2f} | "
+            f"{sel['avg_exit_layer']:.2f} | 1/{1 / sel['flops_relative']:.1f} |"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-epochs", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=6, help="COST-EFF epochs (all stages)")
+    ap.add_argument("--epochs", type=int, default=18, help="COST-EFF epochs (all stages)")
     ap.add_argument("--steps", type=int, default=None, help="COST-EFF optimizer steps instead of --epochs")
     ap.add_argument("--max-train-samples", type=int, default=None)
+    ap.add_argument(
+        "--augment-spans", type=int, default=0,
+        help="unlabelled span rows per training sentence for the COST-EFF run (data.augment.spans)",
+    )  # fmt: skip
     ap.add_argument("--latency-samples", type=int, default=300, help="dev samples timed at batch size 1")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -161,9 +219,16 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs in the output folder")
     ap.add_argument("--runs", default=str(ROOT / "logs" / "bench_cost_eff"))
     ap.add_argument("--out", default=str(ROOT / "experiments" / "bench" / "results" / "cost_eff.md"))
+    ap.add_argument(
+        "--compare", default=None,
+        help="comma-separated finished COST-EFF run folders: only write their side-by-side table to --out",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
+    if args.compare:
+        compare(args.compare.split(","), runs / "teacher", Path(args.out))
+        return
 
     teacher = run(
         "teacher", args,
@@ -182,6 +247,7 @@ def main() -> None:
             "experiment=cost_eff_sst2",
             f"method.teacher={runs / 'teacher' / 'export'}",
             *length,
+            *([f"data.augment.spans={args.augment_spans}"] if args.augment_spans else []),
             *args.extra.split(),
         ],
         runs,
@@ -254,7 +320,7 @@ def main() -> None:
         "```",
         "",
         f"torch {torch.__version__}, {args.threads} CPU thread(s) on a shared 2-core machine; SST-2 train "
-        f"{'(first ' + str(args.max_train_samples) + ' rows)' if args.max_train_samples else '(6,920 sentences)'}, dev 872 sentences; "
+        f"{'(first ' + str(args.max_train_samples) + ' rows)' if args.max_train_samples else '(6,920 sentences)'}{span_note(args)}, dev 872 sentences; "
         f"COST-EFF {s['global_step']} optimizer steps, prune events after steps {s.get('prune_event_steps')}.",
         "",
         f"| model | parameters | params ratio | FLOPs/sample | FLOPs ratio | dev accuracy | vs teacher | avg exit layer | bs=1 samples/s | bs=1 speed-up | bs={bs_eval} samples/s | bs={bs_eval} speed-up |",
@@ -295,7 +361,7 @@ def main() -> None:
         "",
         f"Targets (paper: 1/8 parameters, 1/19 FLOPs, ~96% of the score; here at most 2 points lost): parameters 1/{t_params / s_params:.1f} "
         f"({'met' if t_params / s_params >= 7.85 else 'not met'}: the paper's 13.9M of 109.5M is 1/7.9), FLOPs 1/{1 / sel['flops_relative']:.1f} "
-        f"({'met' if 1 / sel['flops_relative'] >= 19 else 'not met'}), accuracy {drop:+.2f} points below the teacher "
+        f"({'met' if 1 / sel['flops_relative'] >= 19 else 'not met'}), accuracy {drop:.2f} points below the teacher "
         f"({'met' if drop <= 2 else 'not met'}). The threshold is selected on the dev set itself (the fewest FLOPs within "
         f"{curve['tolerance']} of the slender model's full-depth accuracy), as the paper reports dev curves.",
     ]

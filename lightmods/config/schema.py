@@ -94,6 +94,18 @@ class ImageDataConfig:
 
 
 @dataclass
+class AugmentDataConfig:
+    """Unlabelled span rows added to the training split (``lightmods.data.augment``), for distillation."""
+
+    spans: int = 0  # spans per training sentence; 0 = none
+    min_words: int = 3  # shortest span, in whitespace words
+
+    def __post_init__(self):
+        checks.non_negative("data.augment.spans", self.spans)
+        checks.positive("data.augment.min_words", self.min_words)
+
+
+@dataclass
 class LMDataConfig:
     """Causal language-modelling tasks (``data=lm/...``): which files and field hold the text."""
 
@@ -135,6 +147,7 @@ class DataConfig:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     image: ImageDataConfig = field(default_factory=ImageDataConfig)
     lm: LMDataConfig = field(default_factory=LMDataConfig)
+    augment: AugmentDataConfig = field(default_factory=AugmentDataConfig)
 
     def __post_init__(self):
         from lightmods.data.tasks import TASKS
@@ -299,6 +312,21 @@ class PathsConfig:
     log_dir: str = "logs"
 
 
+def check_augment(run: RunConfig) -> None:
+    """Span rows are unlabelled single sentences: they need a single-sentence classification task, a method
+    that distils from a teacher (nothing else learns from them), and clean training rows."""
+    from lightmods.data.tasks import TASKS
+
+    key, value = "data.augment.spans", run.data.augment.spans
+    task = TASKS[run.data.task]
+    if task.head != "seq_cls" or task.is_regression or len(task.text_fields) != 1:
+        raise config_error(key, value, f"0 for data.task={run.data.task!r} (spans need a single-sentence classification task)")
+    if not getattr(run.method, "teacher", None):
+        raise config_error(key, value, "0 unless the method distils from a teacher (method.teacher set: cost_eff, wid, mask_prune)")
+    if run.attack.name != "none":
+        raise config_error(key, value, f"0 under attack={run.attack.name!r} (spans are made from clean training rows only)")
+
+
 @dataclass
 class RunConfig:
     """The whole run. ``method`` is typed by the chosen method's own schema (see lightmods.methods)."""
@@ -323,6 +351,8 @@ class RunConfig:
     def __post_init__(self):
         if isinstance(self.data, DataConfig) and isinstance(self.attack, AttackConfig):  # checks across groups
             check_backdoor(self.attack, self.defense, self.data.task, self.trainer.precision)
+        if isinstance(self.data, DataConfig) and self.data.augment.spans:
+            check_augment(self)
         check_method = getattr(self.method, "check_run", None)  # a method's checks against the task (e.g. its classes)
         if callable(check_method) and isinstance(self.data, DataConfig):
             check_method(self)

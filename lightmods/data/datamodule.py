@@ -282,6 +282,9 @@ class TextClassificationDataModule(L.LightningDataModule):
                 self.clean_train_rows = rows
                 self._add_poisoned(split, self.attack.poison_train(rows))
                 continue
+            if split == "train" and self.cfg.augment.spans:
+                self._add_spans(rows)
+                continue
             self.raw[split] = rows
             self.datasets[split] = self._encode(split, rows)
             log.info("%s/%s: %d rows, %d features", self.task.name, split, len(rows), len(self.datasets[split]))
@@ -294,6 +297,18 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self.train_flagger is not None and "train" in self.datasets:
             features = self.datasets["train"].features
             features["suspect"] = self.train_flagger(features)
+
+    def _add_spans(self, rows: list[dict]) -> None:
+        """The training rows and their unlabelled span rows (``data.augment``), content-keyed in the cache."""
+        from lightmods.attacks.poison import rows_digest
+        from lightmods.data.augment import span_rows
+
+        spans = span_rows(rows, self.task, self.cfg.augment, self.seed)
+        rows = rows + spans
+        self.raw["train"] = rows
+        self.datasets["train"] = self._encode("train", rows, content=rows_digest(rows, self.task.text_fields))
+        log.info("%s/train: %d rows + %d unlabelled span rows (data.augment.spans=%d), %d features", self.task.name,
+                 len(rows) - len(spans), len(spans), self.cfg.augment.spans, len(self.datasets["train"]))  # fmt: skip
 
     def _add_poisoned(self, split: str, rows: list[dict]) -> None:
         """A split the attack made: content-keyed in the cache, rows flagged ``poisoned`` in the batches."""

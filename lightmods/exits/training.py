@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightmods.errors import ConfigError
@@ -32,8 +31,10 @@ def attach_from_config(model: nn.Module, exits_cfg, task, method) -> bool:
 
 def exits_cross_entropy(module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
     """Sum over the intermediate exits of their cross-entropy (the final classifier's is the task loss)."""
+    from lightmods.losses.labelled import labelled_cross_entropy  # lightmods.losses imports the methods
+
     heads = get_exits(module.model)
-    terms = [F.cross_entropy(z.float(), batch["labels"], ignore_index=-100) for z in heads.logits.values()]
+    terms = [labelled_cross_entropy(z, batch["labels"]) for z in heads.logits.values()]
     return torch.stack(terms).sum() if terms else logits.new_zeros(())
 
 

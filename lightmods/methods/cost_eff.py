@@ -26,13 +26,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightmods.config import checks
 from lightmods.errors import config_error
 from lightmods.exits.heads import check_exit_model, get_exits
 from lightmods.losses.distill import hidden_states_mse, soft_cross_entropy
+from lightmods.losses.labelled import labelled_cross_entropy
 from lightmods.methods.base import LossTerm, Method, MethodConfig, register_method
 from lightmods.models.families import Family
 from lightmods.peft import count_parameters
@@ -292,9 +292,7 @@ class CostEff(Method):
     @staticmethod
     def hard_exits(module, batch: dict) -> torch.Tensor:
         heads = get_exits(module.model)
-        terms = [
-            F.cross_entropy(z.float(), batch["labels"], ignore_index=-100) for z in heads.logits.values()
-        ]
+        terms = [labelled_cross_entropy(z, batch["labels"]) for z in heads.logits.values()]
         return torch.stack(terms).sum() if terms else torch.zeros((), device=batch["labels"].device)
 
     def _objective(self, module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
@@ -321,9 +319,7 @@ class CostEff(Method):
     def importance_loss(self, module, batch: dict, logits: torch.Tensor) -> torch.Tensor:
         """The loss whose gradients score heads and neurons (the official ``--internal_loss``):
         ``0.9 pred + 0.1 hard + rep`` with a teacher, the labels' cross-entropy over all exits without."""
-        hard = self.hard_exits(module, batch) + F.cross_entropy(
-            logits.float(), batch["labels"], ignore_index=-100
-        )
+        hard = self.hard_exits(module, batch) + labelled_cross_entropy(logits, batch["labels"])
         if self.teacher is None:
             return hard
         parts = self.distill_terms(module, batch, logits, True, True)

@@ -15,6 +15,7 @@ from lightmods.config.schema import OptimConfig
 from lightmods.data.lm import next_token_nll
 from lightmods.data.metrics import eval_task, split_metrics, with_score
 from lightmods.data.tasks import TaskSpec
+from lightmods.losses.labelled import labelled_cross_entropy
 from lightmods.methods.base import LossTerm
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
@@ -103,7 +104,7 @@ class TaskModule(L.LightningModule):
         if self.task.is_regression:
             keep = labels != -100
             return F.mse_loss(logits.squeeze(-1).float()[keep], labels.float()[keep])
-        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+        return labelled_cross_entropy(logits, labels)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
