@@ -141,6 +141,22 @@ def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch):
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0, msg=k)
 
 
+def test_ta_init_teacher_starts_the_student_from_the_fine_tuned_weights(run_cfg, teacher):
+    """``method.ta_init=teacher``: the backbone and classifier start as the teacher's (a run at a negligible
+    learning rate ends there), the exits as initialised; the official ``pretrained`` start does not."""
+    t = load_export(str(teacher)).state_dict()
+    ends = {}
+    for init in ("teacher", "pretrained"):
+        cfg = run_cfg("method=cost_eff", f"method.teacher={teacher}", f"method.ta_init={init}", "method.lr=1e-12", "trainer.max_steps=2")
+        train(cfg)
+        ends[init] = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    shared = [k for k in t if f"model.{k}" in ends["teacher"]]
+    assert any(".encoder." in k for k in shared) and any(k.startswith("classifier.") for k in shared)
+    for k in shared:
+        torch.testing.assert_close(ends["teacher"][f"model.{k}"], t[k], rtol=0, atol=1e-6, msg=k)
+    assert not torch.allclose(ends["pretrained"]["model.bert.encoder.layer.0.attention.self.query.weight"], t["bert.encoder.layer.0.attention.self.query.weight"])
+
+
 def test_without_a_teacher_the_ta_learns_from_labels_and_teaches(run_cfg):
     cfg = run_cfg(*CE)
     train(cfg)
@@ -218,6 +234,10 @@ def test_objective_per_stage(tmp_path):
 def test_config_errors(run_cfg, tmp_path):
     with pytest.raises(ConfigError, match="method.prune_frac"):
         validate(compose_run(["method=cost_eff", "method.prune_frac=0.9"], tmp_path))
+    with pytest.raises(ConfigError, match="method.ta_init.*'pretrained' when method.teacher is null"):
+        validate(compose_run(["method=cost_eff", "method.ta_init=teacher"], tmp_path))
+    with pytest.raises(ConfigError, match="method.ta_init.*one of 'pretrained', 'teacher'"):
+        validate(compose_run(["method=cost_eff", "method.ta_init=finetuned"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
     train(cfg)  # a target above the model's size keeps that part whole
     s = read(cfg.paths.output_dir, "summary.json")

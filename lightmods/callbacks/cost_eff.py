@@ -36,6 +36,23 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
+def start_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module, path: str) -> None:
+    """Give the (unpruned) student the fine-tuned teacher's weights: every teacher entry whose name and shape the
+    student shares (backbone, classifier); the exit heads and what the student replaced (the dense pooler when
+    ``pooler_dense`` is off) keep theirs. Fails naming ``method.ta_init`` when a backbone weight finds no match."""
+    s, t = student.state_dict(), teacher.state_dict()
+    shared = {k: v for k, v in t.items() if k in s and s[k].shape == v.shape}
+    prefix = student.base_model_prefix + "."
+    unmatched = [k for k in s if k.startswith(prefix) and k not in shared and ".pooler." not in k]
+    if unmatched:
+        raise ConfigError(
+            f"method.ta_init='teacher': the student's {unmatched[:3]} have no weight of the same shape in "
+            f"{path!r}; accepted: a teacher exported from an unpruned run of the same model, or ta_init='pretrained'"
+        )
+    student.load_state_dict(shared, strict=False)
+    log.info("COST-EFF: the TA starts from the teacher's weights (%d tensors)", len(shared))
+
+
 class CostEffStages(L.Callback):
     def __init__(self, method):
         self.method = method
@@ -85,6 +102,8 @@ class CostEffStages(L.Callback):
         self.method.original_teacher = teacher.eval()
         self.method.teacher = self.method.original_teacher
         log.info("COST-EFF teacher loaded from %s", self.c.teacher)
+        if self.c.ta_init == "teacher" and trainer.ckpt_path is None:
+            start_from_teacher(pl_module.model, teacher, self.c.teacher)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from lightmods.exits.evaluation import ExitsEvaluation

@@ -42,6 +42,7 @@ log = logging.getLogger("lightmods")
 
 STAGES = ("ta_rep", "ta_pred", "prune", "recover_rep", "recover_pred")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TA_INITS = ("pretrained", "teacher")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class CostEffConfig(MethodConfig):
     name: str = "cost_eff"
     lr: float = 3e-5
     teacher: str | None = None  # export/ of a fine-tuned model of the same depth and width (method=full_ft)
+    # what the TA starts from: the pretrained backbone (official) or the fine-tuned teacher's weights (every
+    # backbone and classifier weight; exits keep their initialisation), which spares the TA relearning the task
+    ta_init: str = "pretrained"
     temperature: float = 1.0
     pooler_dense: bool = False  # keep BERT's dense pooler before the final classifier (official: no)
     hard_weight: float = (
@@ -75,6 +79,9 @@ class CostEffConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         checks.positive("method.temperature", self.temperature)
+        checks.one_of("method.ta_init", self.ta_init, TA_INITS)
+        if self.ta_init == "teacher" and not self.teacher:
+            raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):
             checks.non_negative(f"method.{key}", getattr(self, key))
         checks.positive("method.prune_lr_scale", self.prune_lr_scale)
