@@ -205,6 +205,22 @@ def test_stages_and_learning_rate_segments():
     assert f(10) == pytest.approx(0.5) and f(11) == pytest.approx(1.0)  # 2-step warm-up of the 20-step stage
 
 
+def test_prune_events_follow_the_configured_schedule():
+    """The callback's per-event sizes follow ``method.prune_schedule`` for heads, FFN and embedding rank."""
+    from types import SimpleNamespace
+
+    from lightmods.callbacks.cost_eff import CostEffStages
+
+    full = {"heads": 12, "ffn": 1536, "hidden": 384}
+    sizes = {}
+    for schedule in ("linear", "geometric"):
+        c = CostEffConfig(target_heads=2, target_ffn=128, target_emb_rank=48, prune_schedule=schedule)
+        cb = CostEffStages(SimpleNamespace(config=c, full_sizes=full))
+        sizes[schedule] = [cb.targets(e, 10) for e in (1, 9, 10)]
+    assert sizes["linear"] == [(11, 1395, 350), (3, 269, 82), (2, 128, 48)]
+    assert sizes["geometric"] == [(10, 1198, 312), (2, 164, 59), (2, 128, 48)]
+
+
 def test_objective_per_stage(tmp_path):
     rc = validate(compose_run(["method=cost_eff", "model=tiny", "method.target_heads=2"], tmp_path))
     method = build_method(rc.method)
@@ -238,6 +254,8 @@ def test_config_errors(run_cfg, tmp_path):
         validate(compose_run(["method=cost_eff", "method.ta_init=teacher"], tmp_path))
     with pytest.raises(ConfigError, match="method.ta_init.*one of 'pretrained', 'teacher'"):
         validate(compose_run(["method=cost_eff", "method.ta_init=finetuned"], tmp_path))
+    with pytest.raises(ConfigError, match="method.prune_schedule.*one of 'linear', 'geometric'"):
+        validate(compose_run(["method=cost_eff", "method.prune_schedule=cubic"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
     train(cfg)  # a target above the model's size keeps that part whole
     s = read(cfg.paths.output_dir, "summary.json")

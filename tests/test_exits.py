@@ -298,6 +298,19 @@ def test_taylor_scores_and_schedule_helpers(tmp_path):
     assert [interpolate(3072, 256, p, 10) for p in (1, 10)] == [2790, 256]
 
 
+def test_geometric_prune_schedule_removes_the_same_share_at_every_event():
+    """``geometric`` cuts the same share of what is left at every event, so the last events cut less deep than
+    the official linear schedule (which removes half of the remaining FFN at the last of ten MiniLM events)."""
+    assert [interpolate(12, 2, p, 10, "geometric") for p in range(11)] == [12, 10, 8, 7, 6, 5, 4, 3, 3, 2, 2]
+    geo = [interpolate(1536, 128, p, 10, "geometric") for p in range(11)]
+    lin = [interpolate(1536, 128, p, 10) for p in range(11)]
+    assert geo[0] == lin[0] == 1536 and geo[-1] == lin[-1] == 128
+    shares = [1 - b / a for a, b in zip(geo, geo[1:])]
+    assert all(0.2 < s < 0.24 for s in shares), shares
+    assert 1 - lin[-1] / lin[-2] > 0.5 and max(shares) < 1 - lin[-1] / lin[-2]
+    assert interpolate(4, 4, 1, 2, "geometric") == 4  # nothing to remove
+
+
 # ---- FLOPs ---------------------------------------------------------------------------------------------------
 def test_flops_accounting(tmp_path):
     model, _ = build(tmp_path, start=2)

@@ -8,7 +8,8 @@ One run goes through the official pipeline's stages (fractions of the run's opti
    exit imitates the teacher's final prediction).
 2. ``prune``: the TA, frozen, becomes the teacher. The student is slenderized in ``prune_events`` steps, at the
    end of equal periods: heads, FFN neurons and the embedding rank go linearly from their full sizes to the
-   targets (the official schedule drops one head per layer per event), scored by Taylor importance of the
+   targets (the official schedule drops one head per layer per event; ``prune_schedule=geometric`` removes
+   the same share at every event instead), scored by Taylor importance of the
    loss over all exits (``|sum |grad| * W|``), sliced physically through the structural core. In each period
    the first ``repr_proportion`` of the steps distil hidden states alone, the rest hidden states and every
    exit's prediction from the TA's corresponding exit. The learning rate restarts each period at
@@ -43,6 +44,7 @@ log = logging.getLogger("lightmods")
 STAGES = ("ta_rep", "ta_pred", "prune", "recover_rep", "recover_pred")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TA_INITS = ("pretrained", "teacher")
+PRUNE_SCHEDULES = ("linear", "geometric")
 
 
 @dataclass
@@ -74,12 +76,16 @@ class CostEffConfig(MethodConfig):
     target_ffn: int | None = None  # FFN neurons
     target_emb_rank: int | None = None  # rank of the factorised word embedding
     prune_events: int | None = None  # null: one head per event (heads - target_heads), or 1
+    # sizes between events: linear (official: the same number of units removed each time) or geometric (the
+    # same share of what is left removed each time, so the last events cut less deep)
+    prune_schedule: str = "linear"
     taylor_batches: int | None = 32  # training batches per importance estimate (null: one pass)
 
     def __post_init__(self):
         super().__post_init__()
         checks.positive("method.temperature", self.temperature)
         checks.one_of("method.ta_init", self.ta_init, TA_INITS)
+        checks.one_of("method.prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):

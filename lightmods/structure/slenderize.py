@@ -72,8 +72,12 @@ def slender_plan(
     return plan
 
 
-def interpolate(start: int, target: int, event: int, events: int) -> int:
-    """Size after prune event ``event`` of ``events`` going linearly from ``start`` to ``target``."""
-    if events <= 0:
+def interpolate(start: int, target: int, event: int, events: int, schedule: str = "linear") -> int:
+    """Size after prune event ``event`` of ``events`` going from ``start`` to ``target``: ``linear`` removes the
+    same number of units at every event (the official schedule, so the last events remove the largest share of
+    what is left); ``geometric`` removes the same share at every event."""
+    if events <= 0 or event >= events:
         return target
+    if schedule == "geometric":
+        return max(target, int(round(start * (target / start) ** (event / events))))
     return int(round(start - (start - target) * event / events))
