@@ -146,9 +146,10 @@ class CostEffStages(L.Callback):
     # ---- slenderization -------------------------------------------------------------------------------
     def targets(self, event: int, events: int) -> tuple[int | None, int | None, int | None]:
         full, c = self.method.full_sizes, self.c
-        heads = interpolate(full["heads"], c.target_heads, event, events, c.prune_schedule) if c.target_heads else None
-        ffn = interpolate(full["ffn"], c.target_ffn, event, events, c.prune_schedule) if c.target_ffn else None
-        rank = interpolate(full["hidden"], c.target_emb_rank, event, events, c.prune_schedule) if c.target_emb_rank else None
+        heads, ffn, rank = (
+            interpolate(full[part], target, event, events, c.prune_schedule) if target else None
+            for part, target in (("heads", c.target_heads), ("ffn", c.target_ffn), ("hidden", c.target_emb_rank))
+        )
         return heads, ffn, rank
 
     def importance(self, trainer, pl_module, event: int) -> TaylorScores:
