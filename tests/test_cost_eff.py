@@ -157,6 +157,31 @@ def test_ta_init_teacher_starts_the_student_from_the_fine_tuned_weights(run_cfg,
     assert not torch.allclose(ends["pretrained"]["model.bert.encoder.layer.0.attention.self.query.weight"], t["bert.encoder.layer.0.attention.self.query.weight"])
 
 
+def test_token_frequency_weights_the_embedding_svd(run_cfg, teacher, monkeypatch):
+    """``method.emb_svd_weights=token_frequency``: every factorisation at a prune event is weighted by the
+    training split's token counts (+1); the run ends at the target rank and its export reloads as usual."""
+    import lightmods.callbacks.cost_eff as cb
+    from lightmods.structure.embedding import token_weights
+
+    calls = []
+    real = cb.factorize_embedding
+
+    def spy(model, rank, row_weights=None):
+        calls.append((rank, row_weights))
+        return real(model, rank, row_weights)
+
+    monkeypatch.setattr(cb, "factorize_embedding", spy)
+    cfg = run_cfg(*CE, f"method.teacher={teacher}", "method.emb_svd_weights=token_frequency")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert read(out, "summary.json")["embedding_rank"] == 8 and [r for r, _ in calls] == [20, 8]
+    # counts + 1: every token at least 1, the [CLS] id of each of the 64 rows more
+    assert all(w is not None and w.min() == 1 and w.max() >= 65 for _, w in calls)
+    assert torch.equal(calls[0][1], calls[1][1])
+    assert embedding_rank(load_export(out / "export")) == 8
+    assert token_weights([[5, 5, 6]], 8).tolist() == [1, 1, 1, 1, 1, 3, 2, 1]
+
+
 def test_without_a_teacher_the_ta_learns_from_labels_and_teaches(run_cfg):
     cfg = run_cfg(*CE)
     train(cfg)
@@ -256,6 +281,8 @@ def test_config_errors(run_cfg, tmp_path):
         validate(compose_run(["method=cost_eff", "method.ta_init=finetuned"], tmp_path))
     with pytest.raises(ConfigError, match="method.prune_schedule.*one of 'linear', 'geometric'"):
         validate(compose_run(["method=cost_eff", "method.prune_schedule=cubic"], tmp_path))
+    with pytest.raises(ConfigError, match="method.emb_svd_weights.*one of 'none', 'token_frequency'"):
+        validate(compose_run(["method=cost_eff", "method.emb_svd_weights=idf"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
     train(cfg)  # a target above the model's size keeps that part whole
     s = read(cfg.paths.output_dir, "summary.json")
@@ -269,6 +296,23 @@ def test_config_errors(run_cfg, tmp_path):
             )
         )
         train(run_cfg("method=cost_eff", f"method.teacher={teacher_dir / 'export'}"))
+
+
+def test_bench_embedding_factorization_tables_plain_and_weighted_ranks(teacher, tmp_path, monkeypatch):
+    """At the full rank (the hidden size) both factorisations reproduce the teacher's accuracy; lower ranks give
+    one row each; a folder without lightmods.json is refused naming the flag."""
+    from experiments.bench import embedding_factorization as bench
+
+    out = tmp_path / "ef.md"
+    monkeypatch.setattr("sys.argv", ["x", "--teacher", str(teacher), "--ranks", "4,32", "--out", str(out)])
+    bench.main()
+    text = out.read_text()
+    full = float(text.split("accuracy ")[1].split(" ")[0])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 32 |")]
+    assert len(rows) == 2 and float(rows[1][2]) == full and float(rows[1][3]) == full
+    monkeypatch.setattr("sys.argv", ["x", "--teacher", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--teacher=.*accepted: the export/ folder"):
+        bench.main()
 
 
 def test_bench_compare_tables_finished_runs_and_refuses_unfinished(tmp_path, monkeypatch):

@@ -29,7 +29,13 @@ from lightmods.methods import build_method
 from lightmods.models import build_backbone, build_tokenizer, family_of
 from lightmods.run import train
 from lightmods.structure import PruningPlan, apply_plan, blocks
-from lightmods.structure.embedding import FactorizedEmbedding, embedding_rank, factorize_embedding
+from lightmods.structure.embedding import (
+    FactorizedEmbedding,
+    embedding_rank,
+    factorize_embedding,
+    low_rank_factors,
+    token_weights,
+)
 from lightmods.structure.slenderize import TaylorScores, interpolate, slender_plan, top_k
 from tests.conftest import compose_run
 
@@ -210,6 +216,39 @@ def test_svd_at_full_rank_reconstructs_the_embeddings(tmp_path):
     emb = model.bert.embeddings.word_embeddings
     torch.testing.assert_close(
         emb.embed.weight @ emb.proj.weight.t(), (u[:, :8] * s[:8]) @ vh[:8], rtol=0, atol=1e-4
+    )
+
+
+def test_weighted_svd_is_the_best_approximation_in_the_weighted_norm(tmp_path):
+    """``row_weights``: the factors equal the truncated SVD of ``diag(sqrt(w)) E`` mapped back (every row
+    projected onto its top right singular vectors), from a plain and from a factorised embedding; heavily weighted
+    rows are reconstructed better than by the plain SVD, and the weighted error is never above the plain one's."""
+    model, _ = build(tmp_path)
+    e = model.bert.embeddings.word_embeddings.weight.detach().double().clone()
+    ids = [[3, 4, 5, 3], [4, 7, 3], [3]]
+    w = token_weights(ids, e.shape[0])
+    assert w[3] == 5 and w[4] == 3 and w[7] == 2 and w[0] == 1 and w.shape == (e.shape[0],)
+    w = w ** 4  # a few tokens dominate
+    _, _, vh = torch.linalg.svd(w.sqrt()[:, None] * e, full_matrices=False)
+    best = e @ vh[:4].t() @ vh[:4]
+    e1, e2 = low_rank_factors(model.bert.embeddings.word_embeddings, 4, w)
+    torch.testing.assert_close((e1 @ e2).double(), best, rtol=0, atol=1e-4)
+    plain = factorize_embedding(build(tmp_path / "b")[0], 4).bert.embeddings.word_embeddings
+    plain = (plain.embed.weight @ plain.proj.weight.t()).detach().double()
+
+    def err(approx):
+        return (w[:, None] * (e - approx) ** 2).sum()
+
+    assert err(best) <= err(plain) and (e - best)[3].norm() < (e - plain)[3].norm()
+    # re-factorising a factorisation: the same weighted optimum of its product
+    factorize_embedding(model, 16)
+    emb = model.bert.embeddings.word_embeddings
+    product = (emb.embed.weight @ emb.proj.weight.t()).detach().double()
+    _, _, vh = torch.linalg.svd(w.sqrt()[:, None] * product, full_matrices=False)
+    factorize_embedding(model, 4, w)
+    emb = model.bert.embeddings.word_embeddings
+    torch.testing.assert_close(
+        (emb.embed.weight @ emb.proj.weight.t()).double(), product @ vh[:4].t() @ vh[:4], rtol=0, atol=1e-4
     )
 
 

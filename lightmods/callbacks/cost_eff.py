@@ -19,7 +19,12 @@ from torch.utils.data import DataLoader, RandomSampler
 from lightmods.errors import ConfigError
 from lightmods.exits.heads import get_exits
 from lightmods.structure import PruningPlan, blocks, refresh_training_state
-from lightmods.structure.embedding import embedding_rank
+from lightmods.structure.embedding import (
+    embedding_rank,
+    factorize_embedding,
+    token_weights,
+    word_embedding_owner,
+)
 from lightmods.structure.slenderize import TaylorScores, interpolate, slender_plan
 
 log = logging.getLogger("lightmods")
@@ -152,6 +157,13 @@ class CostEffStages(L.Callback):
         )
         return heads, ffn, rank
 
+    def token_weights(self, trainer, model) -> torch.Tensor:
+        """``method.emb_svd_weights=token_frequency``: each token's count in the encoded training split (+1).
+        Every DDP rank holds the whole split, so every rank computes the same weights."""
+        owner, attr = word_embedding_owner(model)
+        vocab = getattr(owner, attr).num_embeddings
+        return token_weights(trainer.datamodule.datasets["train"].features["input_ids"], vocab)
+
     def importance(self, trainer, pl_module, event: int) -> TaylorScores:
         """Taylor scores from the loss over all exits, on training batches drawn with a generator seeded by
         the event (so every DDP rank and a resumed run score the same batches), dropout off."""
@@ -204,6 +216,10 @@ class CostEffStages(L.Callback):
             rank = None  # nothing to factorise yet
         plan = slender_plan(self.importance(trainer, pl_module, event), heads, ffn, rank)
         plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+        if plan.embedding_rank is not None and self.c.emb_svd_weights == "token_frequency":
+            # the plan's own factorisation (plain SVD, also what a resumed run rebuilds the shapes with) then
+            # finds the embedding already at that rank; the weights only change which subspace is kept
+            factorize_embedding(model, plan.embedding_rank, self.token_weights(trainer, model))
         pl_module.restructure(plan)
         refresh_training_state(trainer)
         self.events_done = event

@@ -45,6 +45,7 @@ STAGES = ("ta_rep", "ta_pred", "prune", "recover_rep", "recover_pred")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TA_INITS = ("pretrained", "teacher")
 PRUNE_SCHEDULES = ("linear", "geometric")
+EMB_SVD_WEIGHTS = ("none", "token_frequency")
 
 
 @dataclass
@@ -79,6 +80,9 @@ class CostEffConfig(MethodConfig):
     # sizes between events: linear (official: the same number of units removed each time) or geometric (the
     # same share of what is left removed each time, so the last events cut less deep)
     prune_schedule: str = "linear"
+    # the embedding's SVD: plain (official) or weighted by how often each token occurs in the training split, so
+    # the rank is spent on the tokens the task reads (lightmods/structure/embedding.py)
+    emb_svd_weights: str = "none"
     taylor_batches: int | None = 32  # training batches per importance estimate (null: one pass)
 
     def __post_init__(self):
@@ -86,6 +90,7 @@ class CostEffConfig(MethodConfig):
         checks.positive("method.temperature", self.temperature)
         checks.one_of("method.ta_init", self.ta_init, TA_INITS)
         checks.one_of("method.prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
+        checks.one_of("method.emb_svd_weights", self.emb_svd_weights, EMB_SVD_WEIGHTS)
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):
