@@ -260,7 +260,7 @@ def test_parameter_count_of_the_papers_bert_base_configuration(tmp_path, monkeyp
     monkeypatch.setattr(  # shapes are what is counted: skip the decomposition of a 30522 x 768 matrix
         emb_mod,
         "low_rank_factors",
-        lambda emb, r: (torch.zeros(emb.weight.shape[0], r), torch.zeros(r, emb.weight.shape[1])),
+        lambda emb, r, w=None: (torch.zeros(emb.weight.shape[0], r), torch.zeros(r, emb.weight.shape[1])),
     )
     rc = validate(
         compose_run(
