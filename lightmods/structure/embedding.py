@@ -74,13 +74,16 @@ def low_rank_factors(
     ``svd(E)``, without a ``V x V``-sized decomposition: seconds instead of a minute for BERT's vocabulary).
     With ``row_weights`` (``V``, positive) the Gram matrix is ``E^T diag(w) E``: the best approximation in the
     row-weighted norm, still ``E1 = E V_r``."""
+
+    def weighted(rows: torch.Tensor) -> torch.Tensor:
+        return rows if row_weights is None else row_weights.double().to(rows.device)[:, None] * rows
+
     if isinstance(emb, FactorizedEmbedding):
         e1, e2 = emb.embed.weight.double(), emb.proj.weight.double().t()  # E = E1 E2
-        w = e1 if row_weights is None else row_weights.double().to(e1.device)[:, None] * e1
-        gram = e2.t() @ (e1.t() @ w) @ e2
+        gram = e2.t() @ (e1.t() @ weighted(e1)) @ e2
     else:
         e = emb.weight.double()
-        gram = e.t() @ (e if row_weights is None else row_weights.double().to(e.device)[:, None] * e)
+        gram = e.t() @ weighted(e)
     _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     rank = min(rank, gram.shape[0])
     v = vecs[:, -rank:].flip(-1)  # (H, r), largest first
