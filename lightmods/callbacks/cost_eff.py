@@ -66,6 +66,7 @@ class CostEffStages(L.Callback):
         self.ta_taken = False
         self.report: dict = {}
         self._ta_state: dict | None = None  # TA weights restored from a checkpoint, loaded at train start
+        self._token_weights: torch.Tensor | None = None  # method.emb_svd_weights=token_frequency, see token_weights
 
     @property
     def state_key(self) -> str:
@@ -158,11 +159,14 @@ class CostEffStages(L.Callback):
         return heads, ffn, rank
 
     def token_weights(self, trainer, model) -> torch.Tensor:
-        """``method.emb_svd_weights=token_frequency``: each token's count in the encoded training split (+1).
+        """``method.emb_svd_weights=token_frequency``: each token's count in the encoded training split (+1),
+        counted at the first prune event and kept for the others (the split and the vocabulary do not change).
         Every DDP rank holds the whole split, so every rank computes the same weights."""
-        owner, attr = word_embedding_owner(model)
-        vocab = getattr(owner, attr).num_embeddings
-        return token_weights(trainer.datamodule.datasets["train"].features["input_ids"], vocab)
+        if self._token_weights is None:
+            owner, attr = word_embedding_owner(model)
+            vocab = getattr(owner, attr).num_embeddings
+            self._token_weights = token_weights(trainer.datamodule.datasets["train"].features["input_ids"], vocab)
+        return self._token_weights
 
     def importance(self, trainer, pl_module, event: int) -> TaylorScores:
         """Taylor scores from the loss over all exits, on training batches drawn with a generator seeded by

@@ -58,10 +58,8 @@ def embedding_rank(model: nn.Module) -> int | None:
 def token_weights(input_ids, vocab_size: int, smoothing: float = 1.0) -> torch.Tensor:
     """Row weights for :func:`low_rank_factors`: how many times each token id occurs in ``input_ids`` (a list
     of token-id lists, e.g. the encoded training split) plus ``smoothing``, so unseen tokens still count a little."""
-    counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for ids in input_ids:
-        counts.index_add_(0, torch.as_tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.float64))
-    return counts + smoothing
+    flat = torch.as_tensor([t for ids in input_ids for t in ids], dtype=torch.long)
+    return torch.bincount(flat, minlength=vocab_size).double() + smoothing
 
 
 @torch.no_grad()
