@@ -58,6 +58,7 @@ def test_cost_eff_slenderizes_to_the_targets_end_to_end(run_cfg, teacher):
         "recover_pred": [11, 16],
     }
     assert s["prune_event_steps"] == [7, 10] and s["ta_frozen_at_step"] == 5 and s["prune_events_done"] == 2
+    assert "selected_step" not in s  # method.select=last: the last step's weights
     assert (
         s["heads_kept_per_layer"] == [2, 2]
         and s["neurons_kept_per_layer"] == [16, 16]
@@ -182,6 +183,42 @@ def test_token_frequency_weights_the_embedding_svd(run_cfg, teacher, monkeypatch
     assert token_weights([[5, 5, 6]], 8).tolist() == [1, 1, 1, 1, 1, 3, 2, 1]
 
 
+def test_select_exits_mean_ends_on_the_best_post_prune_validation(run_cfg, teacher, monkeypatch):
+    """``method.select=exits_mean`` (the official choice): of the validations after the prune stage (epochs 2
+    and 3, steps 12 and 16), the one with the best accuracy averaged over the exits gives the weights that are
+    evaluated and exported; ``last.ckpt`` keeps the last step's. Exit 1's logged accuracy is overridden per
+    epoch (the tiny model's are all equal) so that the earlier post-prune validation is the better one."""
+    import csv as csv_module
+
+    from lightmods.exits.evaluation import ExitsEvaluation
+
+    real = ExitsEvaluation.on_validation_epoch_end
+    forced = {0: 0.99, 1: 0.99, 2: 0.9, 3: 0.1}  # before the prune stage ends, a better score must not count
+
+    def forcing(self, trainer, pl_module):
+        real(self, trainer, pl_module)
+        if not trainer.sanity_checking:
+            pl_module.log("val/accuracy_exit1", forced[trainer.current_epoch], add_dataloader_idx=False)
+
+    monkeypatch.setattr(ExitsEvaluation, "on_validation_epoch_end", forcing)
+    cfg = run_cfg(*CE, f"method.teacher={teacher}", "method.select=exits_mean", "callbacks.checkpoint.save_top_k=-1")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    s = read(out, "summary.json")
+    rows = [r for r in csv_module.DictReader(open(out / "csv" / "metrics.csv")) if r.get("val/accuracy_exit1") and r.get("epoch")]
+    exit1 = [float(r["val/accuracy_exit1"]) for r in rows]  # the forced value averaged with the measured one
+    assert len(exit1) == 4 and exit1[0] > exit1[2] > exit1[3]
+    assert s["selected_epoch"] == 2 and s["selected_step"] == 12
+    assert s["selected_exits_mean"] == pytest.approx((exit1[2] + float(rows[2]["val/accuracy_exit2"])) / 2, abs=1e-6)
+    chosen = torch.load(next((out / "checkpoints").glob("epoch02-*.ckpt")), weights_only=True)["state_dict"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    exported = load_export(out / "export").state_dict()
+    for k, v in exported.items():
+        torch.testing.assert_close(v, chosen[f"model.{k}"], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(v, last["state_dict"][f"model.{k}"]) for k, v in exported.items())
+    assert last["global_step"] == 16 and last["callbacks"]["CostEffStages"]["best"]["step"] == 12
+
+
 def test_without_a_teacher_the_ta_learns_from_labels_and_teaches(run_cfg):
     cfg = run_cfg(*CE)
     train(cfg)
@@ -283,6 +320,8 @@ def test_config_errors(run_cfg, tmp_path):
         validate(compose_run(["method=cost_eff", "method.prune_schedule=cubic"], tmp_path))
     with pytest.raises(ConfigError, match="method.emb_svd_weights.*one of 'none', 'token_frequency'"):
         validate(compose_run(["method=cost_eff", "method.emb_svd_weights=idf"], tmp_path))
+    with pytest.raises(ConfigError, match="method.select.*one of 'last', 'exits_mean'"):
+        validate(compose_run(["method=cost_eff", "method.select=best"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
     train(cfg)  # a target above the model's size keeps that part whole
     s = read(cfg.paths.output_dir, "summary.json")
@@ -338,6 +377,17 @@ def test_bench_compare_tables_finished_runs_and_refuses_unfinished(tmp_path, mon
     assert row == (
         f"| {tmp_path.name}/long | `experiment=cost_eff_sst2 trainer.max_epochs=18` | 3906 | 2.88M | 84.00 | 76.0 / 84.0 | "
         "0.5 | 83.00 | -5.00 | 2.50 | 1/20.0 |"
+    )
+    # an evaluation-only run of an epoch checkpoint: named by the checkpoint, its size from params_final
+    d = tmp_path / "epoch15"
+    (d / ".hydra").mkdir(parents=True)
+    (d / "exit_curve.json").write_text((tmp_path / "long" / "exit_curve.json").read_text())
+    ckpt = str(tmp_path / "long" / "checkpoints" / "epoch15-step003472.ckpt")
+    (d / "summary.json").write_text(json.dumps({"status": "completed", "global_step": 0, "params_final": 2_881_644, "resumed_from": ckpt}))
+    (d / ".hydra" / "overrides.yaml").write_text(f"- experiment=cost_eff_sst2\n- train=false\n- ckpt_path={ckpt}\n")
+    compare([str(d)], tmp_path / "teacher", out)
+    assert out.read_text().splitlines()[-1].startswith(
+        f"| {tmp_path.name}/epoch15 | `experiment=cost_eff_sst2 train=false` | `long/epoch15-step003472.ckpt` | 2.88M | 84.00 |"
     )
     with pytest.raises(SystemExit, match="not a completed run"):
         compare([str(tmp_path / "crashed")], tmp_path / "teacher", out)

@@ -186,11 +186,14 @@ def compare(run_dirs: list[str], teacher_dir: Path, out: Path) -> None:
             sys.exit(f"--compare: {d} is not a completed run (summary.json status {s.get('status')!r})")
         curve = json.loads((d / "exit_curve.json").read_text())
         overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())
-        shown = [o for o in overrides if not o.startswith(("method.teacher=", "callbacks.", "hydra."))]
+        shown = [o for o in overrides if not o.startswith(("method.teacher=", "callbacks.", "hydra.", "ckpt_path="))]
         full = max(curve["points"], key=lambda p: p["avg_exit_layer"])
         sel = curve["selected"]
+        # an evaluation-only run (train=false ckpt_path=<a run's epoch checkpoint>) names the checkpoint instead
+        steps = s["global_step"] or f"`{Path(s['resumed_from']).parent.parent.name}/{Path(s['resumed_from']).name}`"
+        params = s.get("params_total_after") or s["params_final"]
         lines.append(
-            f"| {d.parent.name}/{d.name} | `{' '.join(shown)}` | {s['global_step']} | {s['params_total_after'] / 1e6:.2f}M | "
+            f"| {d.parent.name}/{d.name} | `{' '.join(shown)}` | {steps} | {params / 1e6:.2f}M | "
             f"{100 * full['accuracy']:.2f} | {' / '.join(f'{100 * v:.1f}' for v in curve['accuracy_per_exit'].values())} | "
             f"{sel['threshold']:g} | {100 * sel['accuracy']:.2f} | {100 * (sel['accuracy'] - t_acc):+.2f} | "
             f"{sel['avg_exit_layer']:.2f} | 1/{1 / sel['flops_relative']:.1f} |"

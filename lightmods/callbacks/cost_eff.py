@@ -2,6 +2,11 @@
 end of its stage, and slenderize the student at each prune event (Taylor importance over all exits, the
 structural core's physical slicing, optimizer and schedule rebuilt). See ``lightmods/methods/cost_eff.py``.
 
+``method.select=exits_mean``: the official checkpoint choice. Once the prune stage is over (the model at its
+final size), each validation's accuracy averaged over all exits is compared, the best weights kept (a CPU copy
+of the slender model), and put back when training ends, so the evaluation, the sweep and ``export/`` use them;
+``last.ckpt`` keeps the last step's weights, to resume from.
+
 Resuming: the TA's weights travel in this callback's checkpoint state (a resumed run rebuilds the unpruned
 architecture and loads them); the pruning plan travels with the module, so a checkpoint saved after a prune
 event resumes into the slender architecture, and one saved before prunes at the same steps.
@@ -67,6 +72,7 @@ class CostEffStages(L.Callback):
         self.report: dict = {}
         self._ta_state: dict | None = None  # TA weights restored from a checkpoint, loaded at train start
         self._token_weights: torch.Tensor | None = None  # method.emb_svd_weights=token_frequency, see token_weights
+        self._best: dict | None = None  # method.select=exits_mean: {"score", "step", "epoch", "state"}
 
     @property
     def state_key(self) -> str:
@@ -82,6 +88,7 @@ class CostEffStages(L.Callback):
             "ta_taken": self.ta_taken,
             "ta_state": ta,
             "report": self.report,
+            "best": self._best,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -89,6 +96,7 @@ class CostEffStages(L.Callback):
         self.ta_taken = bool(state["ta_taken"])
         self._ta_state = state.get("ta_state")
         self.report = dict(state.get("report", {}))
+        self._best = state.get("best")
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -148,6 +156,44 @@ class CostEffStages(L.Callback):
             log.info("COST-EFF: the teaching assistant is frozen at step %d and teaches from now on", step)
         while self.events_done < len(stages.events) and step >= stages.events[self.events_done]:
             self.prune(trainer, pl_module, self.events_done + 1, len(stages.events))
+
+    # ---- checkpoint selection (method.select=exits_mean) ------------------------------------------------
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.c.select != "exits_mean" or trainer.sanity_checking:
+            return
+        stages = self.method.stages_for(int(trainer.estimated_stepping_batches))
+        if trainer.global_step < stages.bounds["prune"][1] or self.events_done < len(stages.events):
+            return  # the model is not at its final size yet
+        metrics = trainer.callback_metrics
+        exits = [float(v) for k, v in metrics.items() if k.startswith("val/accuracy_exit")]
+        if not exits:
+            raise ConfigError(
+                "method.select='exits_mean': no val/accuracy_exit* metric was logged; accepted: exits on a "
+                "classification task with labelled validation rows, or method.select='last'"
+            )
+        score = sum(exits) / len(exits)
+        if self._best is None or score > self._best["score"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
+            self._best = {"score": score, "step": trainer.global_step, "epoch": trainer.current_epoch, "state": state}
+            log.info("COST-EFF: best validation so far by the mean over %d exits: %.4f at step %d",
+                     len(exits), score, trainer.global_step)  # fmt: skip
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.c.select != "exits_mean":
+            return
+        if self._best is None:
+            log.warning("method.select='exits_mean': no validation after the prune stage; the last weights are kept")
+            return
+        pl_module.model.load_state_dict(self._best["state"])
+        self.report.update(
+            {
+                "selected_step": self._best["step"],
+                "selected_epoch": self._best["epoch"],
+                "selected_exits_mean": round(self._best["score"], 6),
+            }
+        )
+        log.info("COST-EFF: ending on the weights of step %d (epoch %d), mean accuracy over exits %.4f",
+                 self._best["step"], self._best["epoch"], self._best["score"])  # fmt: skip
 
     # ---- slenderization -------------------------------------------------------------------------------
     def targets(self, event: int, events: int) -> tuple[int | None, int | None, int | None]:

@@ -46,6 +46,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TA_INITS = ("pretrained", "teacher")
 PRUNE_SCHEDULES = ("linear", "geometric")
 EMB_SVD_WEIGHTS = ("none", "token_frequency")
+SELECTIONS = ("last", "exits_mean")
 
 
 @dataclass
@@ -84,6 +85,9 @@ class CostEffConfig(MethodConfig):
     # the rank is spent on the tokens the task reads (lightmods/structure/embedding.py)
     emb_svd_weights: str = "none"
     taylor_batches: int | None = 32  # training batches per importance estimate (null: one pass)
+    # the weights the run ends with: the last step's, or (official) those of the validation after the prune
+    # stage with the best accuracy averaged over all exits (selected on the validation split it reports)
+    select: str = "last"
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +95,7 @@ class CostEffConfig(MethodConfig):
         checks.one_of("method.ta_init", self.ta_init, TA_INITS)
         checks.one_of("method.prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
         checks.one_of("method.emb_svd_weights", self.emb_svd_weights, EMB_SVD_WEIGHTS)
+        checks.one_of("method.select", self.select, SELECTIONS)
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):
