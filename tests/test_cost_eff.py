@@ -117,19 +117,21 @@ def test_span_rows_are_distilled_alongside_the_labelled_ones(run_cfg, teacher):
     assert s["heads_kept_per_layer"] == [2, 2] and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
-def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("method.emb_vocab=train",)], ids=["all_vocab", "trimmed_vocab"])
+def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch, extra):
     """A checkpoint saved between the two prune events (TA frozen, one event done) resumes into the slender
     architecture with the TA restored from the checkpoint, and ends where an uninterrupted run ends."""
-    straight = run_cfg(*CE, f"method.teacher={teacher}")
+    straight = run_cfg(*CE, f"method.teacher={teacher}", *extra)
     train(straight)
 
-    last = crash_at_epoch(monkeypatch, run_cfg(*CE, f"method.teacher={teacher}"), 2)
+    last = crash_at_epoch(monkeypatch, run_cfg(*CE, f"method.teacher={teacher}", *extra), 2)
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 8
     assert ckpt["lightmods"]["plan"]["heads"] and "embedding_rank" in ckpt["lightmods"]["plan"]
     state = ckpt["callbacks"]["CostEffStages"]
     assert state["events_done"] == 1 and state["ta_taken"] and state["ta_state"]
-    resumed = run_cfg(*CE, f"method.teacher={teacher}", f"ckpt_path={last}")
+    assert ("embedding_vocab" in ckpt["lightmods"]["plan"]) == bool(extra)
+    resumed = run_cfg(*CE, f"method.teacher={teacher}", *extra, f"ckpt_path={last}")
     train(resumed)
     a, b = Path(straight.paths.output_dir), Path(resumed.paths.output_dir)
     assert read(a, "export/pruning_plan.json") == read(b, "export/pruning_plan.json")
@@ -181,6 +183,43 @@ def test_token_frequency_weights_the_embedding_svd(run_cfg, teacher, monkeypatch
     assert torch.equal(calls[0][1], calls[1][1])
     assert embedding_rank(load_export(out / "export")) == 8
     assert token_weights([[5, 5, 6]], 8).tolist() == [1, 1, 1, 1, 1, 3, 2, 1]
+
+
+def test_emb_vocab_train_keeps_the_rows_of_the_training_tokens(run_cfg, teacher):
+    """``method.emb_vocab=train``: from the first prune event the word embedding keeps the rows of the tokens the
+    training split uses (and the special tokens), factorised to the target rank; every other id reads [UNK]'s
+    row. The plan in the checkpoint and the export holds the kept ids, and the export reloads identically."""
+    from lightmods.data import TextClassificationDataModule
+    from lightmods.models import build_tokenizer
+    from lightmods.structure.embedding import embedding_vocab, kept_token_ids
+
+    cfg = run_cfg(*CE, f"method.teacher={teacher}", "method.emb_vocab=train", "method.emb_svd_weights=token_frequency")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    s = read(out, "summary.json")
+    rc = validate(cfg)
+    tok = build_tokenizer(rc.model)
+    dm = TextClassificationDataModule(get_task(rc.data.task), rc.data, tok, seed=0)
+    dm.setup()
+    kept = kept_token_ids(dm.datasets["train"].features["input_ids"], set(tok.all_special_ids), len(tok)).tolist()
+    assert s["embedding_vocab_kept"] == len(kept) < len(tok) and s["embedding_rank"] == 8
+    plan = read(out, "export/pruning_plan.json")
+    assert plan["embedding_vocab"] == kept and plan["embedding_fallback"] == tok.unk_token_id
+    trained = load_checkpoint_model(out / "checkpoints" / "last.ckpt").eval()
+    reloaded = load_export(out / "export")
+    assert embedding_vocab(reloaded) == len(kept) and embedding_rank(reloaded) == 8
+    ids = torch.randint(5, len(tok), (4, 11), generator=torch.Generator().manual_seed(0))
+    assert_same_outputs_and_exits(reloaded, trained, ids, 0.6)
+    unseen = next(i for i in range(len(tok)) if i not in set(kept))
+    as_unk = torch.tensor([[tok.cls_token_id, tok.unk_token_id, tok.sep_token_id]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=torch.tensor([[tok.cls_token_id, unseen, tok.sep_token_id]])).logits,
+            reloaded(input_ids=as_unk).logits, rtol=0, atol=0,
+        )  # fmt: skip
+    emb = reloaded.bert.embeddings.word_embeddings
+    assert emb.inner.embed.weight.shape == (len(kept), 8)  # what params_total_after counts: the kept rows only
+    assert s["params_total_after"] == sum(p.numel() for p in trained.parameters())
 
 
 def test_select_exits_mean_ends_on_the_best_post_prune_validation(run_cfg, teacher, monkeypatch):
@@ -322,6 +361,8 @@ def test_config_errors(run_cfg, tmp_path):
         validate(compose_run(["method=cost_eff", "method.emb_svd_weights=idf"], tmp_path))
     with pytest.raises(ConfigError, match="method.select.*one of 'last', 'exits_mean'"):
         validate(compose_run(["method=cost_eff", "method.select=best"], tmp_path))
+    with pytest.raises(ConfigError, match="method.emb_vocab.*one of 'all', 'train'"):
+        validate(compose_run(["method=cost_eff", "method.emb_vocab=dev"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
     train(cfg)  # a target above the model's size keeps that part whole
     s = read(cfg.paths.output_dir, "summary.json")
@@ -349,6 +390,8 @@ def test_bench_embedding_factorization_tables_plain_and_weighted_ranks(teacher, 
     full = float(text.split("accuracy ")[1].split(" ")[0])
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 32 |")]
     assert len(rows) == 2 and float(rows[1][2]) == full and float(rows[1][3]) == full
+    trimmed_full = float(text.split("unfactorised that scores ")[1].split(";")[0])
+    assert float(rows[1][6].rstrip(" |")) == trimmed_full  # full rank over the kept rows: the trimmed model itself
     monkeypatch.setattr("sys.argv", ["x", "--teacher", str(tmp_path)])
     with pytest.raises(SystemExit, match="--teacher=.*accepted: the export/ folder"):
         bench.main()

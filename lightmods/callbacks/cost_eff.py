@@ -26,8 +26,11 @@ from lightmods.exits.heads import get_exits
 from lightmods.structure import PruningPlan, blocks, refresh_training_state
 from lightmods.structure.embedding import (
     embedding_rank,
+    embedding_vocab,
     factorize_embedding,
+    kept_token_ids,
     token_weights,
+    trim_vocabulary,
     word_embedding_owner,
 )
 from lightmods.structure.slenderize import TaylorScores, interpolate, slender_plan
@@ -214,6 +217,23 @@ class CostEffStages(L.Callback):
             self._token_weights = token_weights(trainer.datamodule.datasets["train"].features["input_ids"], vocab)
         return self._token_weights
 
+    def kept_vocabulary(self, trainer, model) -> tuple[list[int], int]:
+        """``method.emb_vocab=train``: the token ids of the encoded training split and the tokenizer's special
+        tokens, and the id the others fall back to ([UNK]). Every DDP rank computes the same from the same split."""
+        tok = trainer.datamodule.tokenizer
+        if tok.unk_token_id is None:
+            raise ConfigError(
+                f"method.emb_vocab='train': the tokenizer {type(tok).__name__} has no unknown token for the "
+                "dropped ids to read; accepted: a tokenizer with unk_token, or method.emb_vocab='all'"
+            )
+        owner, attr = word_embedding_owner(model)
+        kept = kept_token_ids(
+            trainer.datamodule.datasets["train"].features["input_ids"],
+            {*tok.all_special_ids, tok.unk_token_id},
+            getattr(owner, attr).num_embeddings,
+        )
+        return kept.tolist(), int(tok.unk_token_id)
+
     def importance(self, trainer, pl_module, event: int) -> TaylorScores:
         """Taylor scores from the loss over all exits, on training batches drawn with a generator seeded by
         the event (so every DDP rank and a resumed run score the same batches), dropout off."""
@@ -266,6 +286,10 @@ class CostEffStages(L.Callback):
             rank = None  # nothing to factorise yet
         plan = slender_plan(self.importance(trainer, pl_module, event), heads, ffn, rank)
         plan = PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+        if self.c.emb_vocab == "train" and embedding_vocab(model) is None:
+            # before the weighted factorisation, so the SVD is spent on the kept rows only
+            plan.embedding_vocab, plan.embedding_fallback = self.kept_vocabulary(trainer, model)
+            trim_vocabulary(model, plan.embedding_vocab, plan.embedding_fallback)
         if plan.embedding_rank is not None and self.c.emb_svd_weights == "token_frequency":
             # the plan's own factorisation (plain SVD, also what a resumed run rebuilds the shapes with) then
             # finds the embedding already at that rank; the weights only change which subspace is kept
@@ -283,6 +307,7 @@ class CostEffStages(L.Callback):
                 "heads_kept_per_layer": [b.num_heads for b in model_blocks],
                 "neurons_kept_per_layer": [b.num_neurons for b in model_blocks],
                 "embedding_rank": embedding_rank(model),
+                **({"embedding_vocab_kept": embedding_vocab(model)} if self.c.emb_vocab != "all" else {}),
                 "prune_events_done": event,
                 "pruned_at_step": trainer.global_step,
             }

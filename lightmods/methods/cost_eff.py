@@ -47,6 +47,7 @@ TA_INITS = ("pretrained", "teacher")
 PRUNE_SCHEDULES = ("linear", "geometric")
 EMB_SVD_WEIGHTS = ("none", "token_frequency")
 SELECTIONS = ("last", "exits_mean")
+EMB_VOCABS = ("all", "train")
 
 
 @dataclass
@@ -84,6 +85,9 @@ class CostEffConfig(MethodConfig):
     # the embedding's SVD: plain (official) or weighted by how often each token occurs in the training split, so
     # the rank is spent on the tokens the task reads (lightmods/structure/embedding.py)
     emb_svd_weights: str = "none"
+    # the word embedding's rows: all of them (official), or (train) only those of the tokens the training split
+    # uses plus the special tokens, the others reading [UNK]'s row, from the first prune event on
+    emb_vocab: str = "all"
     taylor_batches: int | None = 32  # training batches per importance estimate (null: one pass)
     # the weights the run ends with: the last step's, or (official) those of the validation after the prune
     # stage with the best accuracy averaged over all exits (selected on the validation split it reports)
@@ -96,6 +100,7 @@ class CostEffConfig(MethodConfig):
         checks.one_of("method.prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
         checks.one_of("method.emb_svd_weights", self.emb_svd_weights, EMB_SVD_WEIGHTS)
         checks.one_of("method.select", self.select, SELECTIONS)
+        checks.one_of("method.emb_vocab", self.emb_vocab, EMB_VOCABS)
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):
@@ -120,7 +125,9 @@ class CostEffConfig(MethodConfig):
 
     @property
     def slenderizes(self) -> bool:
-        return any(v is not None for v in (self.target_heads, self.target_ffn, self.target_emb_rank))
+        return self.emb_vocab != "all" or any(
+            v is not None for v in (self.target_heads, self.target_ffn, self.target_emb_rank)
+        )
 
 
 @dataclass

@@ -10,6 +10,12 @@ projected onto an ``r``-dimensional subspace, but the subspace is the one that p
 A task uses a fraction of a 30k vocabulary (SST-2's sentences: 11.6k word pieces), and the plain SVD spends its rank
 on the rest as much as on those (measured on a MiniLM SST-2 teacher, rank 48: 74.5 dev accuracy plain, 78.9
 weighted, 88.0 unfactorised; ``experiments/bench/embedding_factorization.py``). Not in COST-EFF, which uses the plain SVD.
+
+Vocabulary trimming (``TrimmedEmbedding``) goes one step further: the rows of tokens the training split never uses
+are dropped, and those ids read the row of a fallback token (``[UNK]``). The tokenizer is unchanged; a buffer maps
+each token id to its row. At the same parameter count the rank can then be about ``V / V_kept`` times higher (SST-2:
+11.6k of 30.5k rows). Not in COST-EFF either; the cost is that the 2.5% of SST-2 dev tokens unseen in training all
+read ``[UNK]``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,42 @@ class FactorizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, rank={self.rank}, {self.embedding_dim}"
 
 
+class TrimmedEmbedding(nn.Module):
+    """A word embedding that keeps the rows of ``kept_ids`` only: token ``kept_ids[i]`` reads row ``i`` of
+    ``inner`` (an ``nn.Embedding`` or :class:`FactorizedEmbedding` with ``len(kept_ids)`` rows), every other id
+    reads the row of ``fallback_id``. Accepts the whole id space, so tokenizer and data pipeline stay as they are."""
+
+    def __init__(self, inner: nn.Module, kept_ids: torch.Tensor, fallback_id: int, num_embeddings: int):
+        super().__init__()
+        kept_ids = torch.as_tensor(kept_ids, dtype=torch.long).cpu()
+        if kept_ids.numel() != inner.num_embeddings:
+            raise ValueError(f"{kept_ids.numel()} kept ids for an embedding of {inner.num_embeddings} rows")
+        where = (kept_ids == fallback_id).nonzero()
+        if where.numel() != 1:
+            raise ValueError(f"the fallback token id {fallback_id} must be among the kept ids")
+        self.inner, self.fallback_id = inner, int(fallback_id)
+        self.num_embeddings, self.embedding_dim = num_embeddings, inner.embedding_dim
+        self.padding_idx = None if inner.padding_idx is None else int(kept_ids[inner.padding_idx])  # an id, not a row
+        self.register_buffer("kept_ids", kept_ids)
+        index_map = torch.full((num_embeddings,), int(where[0, 0]), dtype=torch.long)
+        index_map[kept_ids] = torch.arange(kept_ids.numel())
+        self.register_buffer("index_map", index_map, persistent=False)  # rebuilt from kept_ids
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.index_map[input_ids])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings} ids -> {self.inner.num_embeddings} rows, fallback={self.fallback_id}"
+
+
+def kept_token_ids(input_ids, special_ids, vocab_size: int) -> torch.Tensor:
+    """Sorted ids of the tokens in ``input_ids`` (a list of token-id lists, e.g. the encoded training split)
+    and of ``special_ids`` (which the model reads whatever the data: [CLS], [SEP], [PAD], [UNK], ...)."""
+    seen = token_weights(input_ids, vocab_size, smoothing=0.0) > 0
+    seen[torch.as_tensor(sorted(special_ids), dtype=torch.long)] = True
+    return seen.nonzero().flatten()
+
+
 def word_embedding_owner(model: nn.Module) -> tuple[nn.Module, str]:
     """(module, attribute) holding the word embedding: ``<base>.embeddings.word_embeddings`` in encoders,
     ``<base>.embed_tokens`` in decoders."""
@@ -43,7 +85,7 @@ def word_embedding_owner(model: nn.Module) -> tuple[nn.Module, str]:
         owner = getattr(base, owner_name, None) if owner_name else base
         emb = getattr(owner, attr, None) if owner is not None else None
         # a wrapper that keeps its embedding as ``base_layer`` (method=quant's QuantEmbedding) counts too
-        if isinstance(getattr(emb, "base_layer", emb), (nn.Embedding, FactorizedEmbedding)):
+        if isinstance(getattr(emb, "base_layer", emb), (nn.Embedding, FactorizedEmbedding, TrimmedEmbedding)):
             return owner, attr
     raise ValueError(f"no word embedding found in a {type(model).__name__}")
 
@@ -52,7 +94,15 @@ def embedding_rank(model: nn.Module) -> int | None:
     """The rank of a factorised word embedding, None when it is a plain embedding."""
     owner, attr = word_embedding_owner(model)
     emb = getattr(owner, attr)
+    emb = emb.inner if isinstance(emb, TrimmedEmbedding) else emb
     return emb.rank if isinstance(emb, FactorizedEmbedding) else None
+
+
+def embedding_vocab(model: nn.Module) -> int | None:
+    """How many token ids keep a row of their own in a trimmed word embedding; None when it is not trimmed."""
+    owner, attr = word_embedding_owner(model)
+    emb = getattr(owner, attr)
+    return emb.inner.num_embeddings if isinstance(emb, TrimmedEmbedding) else None
 
 
 def token_weights(input_ids, vocab_size: int, smoothing: float = 1.0) -> torch.Tensor:
@@ -95,6 +145,10 @@ def factorize_embedding(model: nn.Module, rank: int, row_weights: torch.Tensor |
     ``row_weights`` when given); a no-op when it is already factorised at that rank."""
     owner, attr = word_embedding_owner(model)
     emb = getattr(owner, attr)
+    trimmed = emb if isinstance(emb, TrimmedEmbedding) else None
+    if trimmed is not None:  # factorise the kept rows, weighted by their own counts
+        emb = trimmed.inner
+        row_weights = row_weights[trimmed.kept_ids.to(row_weights.device)] if row_weights is not None else None
     if isinstance(emb, FactorizedEmbedding) and emb.rank == rank:
         return model
     ref = emb.embed.weight if isinstance(emb, FactorizedEmbedding) else emb.weight
@@ -104,5 +158,39 @@ def factorize_embedding(model: nn.Module, rank: int, row_weights: torch.Tensor |
     new.proj.weight.copy_(e2.t())
     new.to(device=ref.device, dtype=ref.dtype)
     new.requires_grad_(ref.requires_grad)
+    if trimmed is not None:
+        trimmed.inner = new
+    else:
+        setattr(owner, attr, new)
+    return model
+
+
+@torch.no_grad()
+def trim_vocabulary(model: nn.Module, kept_ids, fallback_id: int) -> nn.Module:
+    """Keep the word-embedding rows of ``kept_ids`` only (in place; see :class:`TrimmedEmbedding`); every other
+    token id reads the row of ``fallback_id``. A no-op when the embedding already keeps exactly these ids."""
+    owner, attr = word_embedding_owner(model)
+    emb = getattr(owner, attr)
+    kept = torch.as_tensor(kept_ids, dtype=torch.long).cpu()
+    if isinstance(emb, TrimmedEmbedding):
+        if torch.equal(emb.kept_ids.cpu(), kept) and emb.fallback_id == fallback_id:
+            return model
+        raise ValueError("the word embedding is already trimmed to another vocabulary")
+    pad = None  # the padding id's row in the trimmed table
+    if emb.padding_idx is not None and bool((kept == emb.padding_idx).any()):
+        pad = int((kept == emb.padding_idx).nonzero()[0, 0])
+    if isinstance(emb, FactorizedEmbedding):
+        ref = emb.embed.weight
+        inner = FactorizedEmbedding(kept.numel(), emb.rank, emb.embedding_dim, padding_idx=pad)
+        inner.embed.weight.copy_(ref[kept.to(ref.device)])
+        inner.proj.weight.copy_(emb.proj.weight)
+    elif type(emb) is nn.Embedding:
+        ref = emb.weight
+        inner = nn.Embedding(kept.numel(), emb.embedding_dim, padding_idx=pad)
+        inner.weight.copy_(ref[kept.to(ref.device)])
+    else:
+        raise ValueError(f"cannot trim the vocabulary of a {type(emb).__name__} word embedding")
+    inner.to(device=ref.device, dtype=ref.dtype).requires_grad_(ref.requires_grad)
+    new = TrimmedEmbedding(inner, kept, fallback_id, emb.num_embeddings).to(ref.device)
     setattr(owner, attr, new)
     return model

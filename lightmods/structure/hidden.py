@@ -33,7 +33,7 @@ from torch import nn
 
 from lightmods.peft.inject import match_module
 from lightmods.peft.layer import AdapterLayer, derive_parameter, select_linear
-from lightmods.structure.embedding import FactorizedEmbedding
+from lightmods.structure.embedding import FactorizedEmbedding, TrimmedEmbedding
 from lightmods.structure.plan import _select
 from lightmods.structure.spec import COMMON_STREAM_READERS, blocks, layout_of
 
@@ -70,7 +70,9 @@ def select_norm(norm: nn.Module, index: torch.Tensor, rescale_rms: bool = False)
 
 
 def _select_embedding(emb: nn.Module, index: torch.Tensor) -> None:
-    if isinstance(emb, FactorizedEmbedding):
+    if isinstance(emb, TrimmedEmbedding):
+        _select_embedding(emb.inner, index)
+    elif isinstance(emb, FactorizedEmbedding):
         select_linear(emb.proj, out_index=index)
     elif isinstance(emb, nn.Embedding):
         emb.weight = derive_parameter(emb.weight, 1, index)

@@ -42,6 +42,8 @@ class PruningPlan:
     removed_adapters: list[str] = field(default_factory=list)  # adapter layers unwrapped to their base
     ranks: dict[str, list[int]] = field(default_factory=dict)  # adapter layer -> kept ranks
     embedding_rank: int | None = None  # word embedding -> Embedding(V, r) + Linear(r -> H) (SVD); None: as is
+    embedding_vocab: list[int] | None = None  # token ids that keep an embedding row (TrimmedEmbedding); None: all
+    embedding_fallback: int | None = None  # with embedding_vocab: the id whose row every other id reads
     hidden: list[int] | None = None  # kept residual channels; None: the hidden width is untouched
     rescale_rms: bool = False  # with ``hidden``: RMS norms rescaled so zero-channel removal is exact
 
@@ -54,6 +56,9 @@ class PruningPlan:
         }
         if self.embedding_rank is not None:  # only when set: plans without it read and compare as before
             d["embedding_rank"] = int(self.embedding_rank)
+        if self.embedding_vocab is not None:  # likewise
+            d["embedding_vocab"] = list(map(int, self.embedding_vocab))
+            d["embedding_fallback"] = int(self.embedding_fallback)
         if self.hidden is not None:  # likewise only when set
             d["hidden"] = list(map(int, self.hidden))
             d["rescale_rms"] = bool(self.rescale_rms)
@@ -67,6 +72,8 @@ class PruningPlan:
             removed_adapters=list(d.get("removed_adapters", [])),
             ranks={k: list(v) for k, v in d.get("ranks", {}).items()},
             embedding_rank=d.get("embedding_rank"),
+            embedding_vocab=list(d["embedding_vocab"]) if d.get("embedding_vocab") is not None else None,
+            embedding_fallback=d.get("embedding_fallback"),
             hidden=list(d["hidden"]) if d.get("hidden") is not None else None,
             rescale_rms=bool(d.get("rescale_rms", False)),
         )
@@ -95,6 +102,11 @@ class PruningPlan:
                 {k: v for k, v in self.ranks.items() if k not in later.removed_adapters}, later.ranks
             ),
             embedding_rank=later.embedding_rank if later.embedding_rank is not None else self.embedding_rank,
+            # token ids, not indices: a later trimming replaces an earlier one
+            embedding_vocab=later.embedding_vocab if later.embedding_vocab is not None else self.embedding_vocab,
+            embedding_fallback=(
+                later.embedding_fallback if later.embedding_vocab is not None else self.embedding_fallback
+            ),
             hidden=hidden,
             rescale_rms=rescale,
         )
@@ -171,6 +183,10 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
         from lightmods.structure.embedding import factorize_embedding
 
         factorize_embedding(model, plan.embedding_rank)
+    if plan.embedding_vocab is not None:  # the factorised (or plain) rows of the kept ids; see TrimmedEmbedding
+        from lightmods.structure.embedding import trim_vocabulary
+
+        trim_vocabulary(model, plan.embedding_vocab, plan.embedding_fallback)
     if plan.hidden is not None:  # after the factorisation: its projection's rows are hidden channels
         from lightmods.structure.hidden import select_hidden
 
