@@ -117,7 +117,11 @@ def test_span_rows_are_distilled_alongside_the_labelled_ones(run_cfg, teacher):
     assert s["heads_kept_per_layer"] == [2, 2] and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
-@pytest.mark.parametrize("extra", [(), ("method.emb_vocab=train",)], ids=["all_vocab", "trimmed_vocab"])
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("method.emb_vocab=train",), ("method.emb_vocab=train", "method.emb_fallback=nearest")],
+    ids=["all_vocab", "trimmed_vocab", "trimmed_nearest"],
+)
 def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch, extra):
     """A checkpoint saved between the two prune events (TA frozen, one event done) resumes into the slender
     architecture with the TA restored from the checkpoint, and ends where an uninterrupted run ends."""
@@ -134,7 +138,12 @@ def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch, extra):
     resumed = run_cfg(*CE, f"method.teacher={teacher}", *extra, f"ckpt_path={last}")
     train(resumed)
     a, b = Path(straight.paths.output_dir), Path(resumed.paths.output_dir)
-    assert read(a, "export/pruning_plan.json") == read(b, "export/pruning_plan.json")
+    plan = read(b, "export/pruning_plan.json")
+    assert read(a, "export/pruning_plan.json") == plan
+    if "method.emb_fallback=nearest" in extra:  # one kept id per token id, not all to [UNK]
+        fallback, kept = plan["embedding_fallback"], set(plan["embedding_vocab"])
+        assert isinstance(fallback, list) and set(fallback) <= kept and len(set(fallback) - {100}) > 1
+        assert all(fallback[i] == i for i in kept)
     sb = read(b, "summary.json")
     assert sb["global_step"] == 16 and sb["prune_events_done"] == 2 and sb["heads_kept_per_layer"] == [2, 2]
     wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -304,6 +313,9 @@ def test_stages_and_learning_rate_segments():
     assert f(0) == pytest.approx(1.0) and f(9) == pytest.approx(1 / 9)  # 1-step warm-up, linear decay
     assert f(40) == pytest.approx(0.75) and f(49) == pytest.approx(0.75 / 9)
     assert f(10) == pytest.approx(0.5) and f(11) == pytest.approx(1.0)  # 2-step warm-up of the 20-step stage
+    assert segs[6:] == [(70, 80, 1.0), (80, 100, 1.0)]
+    scaled = st.segments(CostEffConfig(**{**vars(c), "recover_lr_scale": 0.25}))
+    assert scaled[:6] == segs[:6] and scaled[6:] == [(70, 80, 0.25), (80, 100, 0.25)]
 
 
 def test_prune_events_follow_the_configured_schedule():
@@ -363,6 +375,12 @@ def test_config_errors(run_cfg, tmp_path):
         validate(compose_run(["method=cost_eff", "method.select=best"], tmp_path))
     with pytest.raises(ConfigError, match="method.emb_vocab.*one of 'all', 'train'"):
         validate(compose_run(["method=cost_eff", "method.emb_vocab=dev"], tmp_path))
+    with pytest.raises(ConfigError, match="method.emb_fallback.*one of 'unk', 'nearest'"):
+        validate(compose_run(["method=cost_eff", "method.emb_vocab=train", "method.emb_fallback=pad"], tmp_path))
+    with pytest.raises(ConfigError, match="method.emb_fallback='nearest'.*when method.emb_vocab is 'all'"):
+        validate(compose_run(["method=cost_eff", "method.emb_fallback=nearest"], tmp_path))
+    with pytest.raises(ConfigError, match="method.recover_lr_scale"):
+        validate(compose_run(["method=cost_eff", "method.recover_lr_scale=0"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
     train(cfg)  # a target above the model's size keeps that part whole
     s = read(cfg.paths.output_dir, "summary.json")
@@ -390,8 +408,9 @@ def test_bench_embedding_factorization_tables_plain_and_weighted_ranks(teacher, 
     full = float(text.split("accuracy ")[1].split(" ")[0])
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 32 |")]
     assert len(rows) == 2 and float(rows[1][2]) == full and float(rows[1][3]) == full
-    trimmed_full = float(text.split("unfactorised that scores ")[1].split(";")[0])
-    assert float(rows[1][6].rstrip(" |")) == trimmed_full  # full rank over the kept rows: the trimmed model itself
+    trimmed_full = text.split("unfactorised those score ")[1].split(";")[0].split(" and ")
+    # full rank over the kept rows: the trimmed model itself, with either fallback
+    assert [float(rows[1][6]), float(rows[1][7].rstrip(" |"))] == [float(a) for a in trimmed_full]
     monkeypatch.setattr("sys.argv", ["x", "--teacher", str(tmp_path)])
     with pytest.raises(SystemExit, match="--teacher=.*accepted: the export/ folder"):
         bench.main()

@@ -16,6 +16,7 @@ from lightmods.structure.embedding import (
     factorize_embedding,
     kept_token_ids,
     low_rank_factors,
+    nearest_kept_ids,
     trim_vocabulary,
 )
 from lightmods.structure.plan import apply_plan
@@ -110,3 +111,51 @@ def test_a_plan_with_a_kept_vocabulary_rebuilds_and_reloads_the_trimmed_model():
 
 def test_kept_token_ids_are_the_used_and_the_special_ones():
     assert kept_token_ids([[2, 5, 5], [9, 2]], {0, 1}, 12).tolist() == [0, 1, 2, 5, 9]
+
+
+def test_nearest_fallback_sends_each_dropped_id_to_its_most_similar_kept_row():
+    """``method.emb_fallback=nearest``: a dropped id reads the row of the kept id with the most cosine-similar
+    embedding (not [UNK]'s); the per-id map travels in the plan and a rebuilt model reads the same rows."""
+    model = Tiny()
+    w = model.embeddings.word_embeddings.weight.detach()
+    original = w.clone()
+    with torch.no_grad():  # id 2 points where kept id 20 points, at another length; id 39 opposite to kept 33
+        w[2] = 3 * w[20] + 0.01 * w[5]
+        w[39] = -w[33]
+    fallback = nearest_kept_ids(w, KEPT)
+    kept = torch.tensor(KEPT)
+    assert fallback.shape == (V,) and torch.equal(fallback[kept], kept) and bool(torch.isin(fallback, kept).all())
+    assert fallback[2] == 20 and fallback[39] != 33
+    sims = nn.functional.normalize(w, dim=-1) @ nn.functional.normalize(w[kept], dim=-1).t()
+    assert torch.equal(fallback, kept[sims.argmax(-1)])  # brute force over all ids, chunking aside
+    assert torch.equal(nearest_kept_ids(w, KEPT, chunk=3), fallback)
+
+    original = w.clone()
+    trim_vocabulary(model, KEPT, fallback.tolist())
+    emb = model.embeddings.word_embeddings
+    assert emb.fallback == fallback.tolist() and "per id" in repr(emb)
+    torch.testing.assert_close(model(torch.arange(V)), original[fallback], rtol=0, atol=0)
+    trim_vocabulary(model, KEPT, fallback.tolist())  # the same map again: a no-op
+    assert model.embeddings.word_embeddings is emb
+    with pytest.raises(ValueError, match="already trimmed"):
+        trim_vocabulary(model, KEPT, 1)
+
+    plan = PruningPlan.from_dict(PruningPlan(embedding_vocab=KEPT, embedding_fallback=fallback.tolist()).to_dict())
+    assert plan.embedding_fallback == fallback.tolist()
+    trained = tiny_bert(0)
+    trim_vocabulary(trained, KEPT, plan.embedding_fallback)
+    fresh = apply_plan(tiny_bert(1), plan)
+    fresh.load_state_dict(trained.state_dict())
+    ids = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fresh(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+    bad = fallback.clone()
+    bad[3] = 1  # a kept id must read its own row
+    with pytest.raises(ValueError, match="its own row"):
+        trim_vocabulary(Tiny(), KEPT, bad.tolist())
+    bad = fallback.clone()
+    bad[2] = 4  # 4 is not kept
+    with pytest.raises(ValueError, match="among the kept ids"):
+        trim_vocabulary(Tiny(), KEPT, bad.tolist())
+    with pytest.raises(ValueError, match=f"needs {V} ids"):
+        trim_vocabulary(Tiny(), KEPT, fallback[:-1].tolist())

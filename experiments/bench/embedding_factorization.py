@@ -68,6 +68,7 @@ def main() -> None:
     from lightmods.structure.embedding import (
         kept_token_ids,
         low_rank_factors,
+        nearest_kept_ids,
         token_weights,
         word_embedding_owner,
     )
@@ -95,14 +96,16 @@ def main() -> None:
 
     tok = dm.tokenizer
     kept = kept_token_ids(train_ids, {*tok.all_special_ids, tok.unk_token_id}, emb.num_embeddings)
-    unk_row = int((kept == tok.unk_token_id).nonzero()[0, 0])
     kept_rows = torch.nn.Embedding.from_pretrained(original[kept])
+    row_of = torch.full((emb.num_embeddings,), -1, dtype=torch.long)
+    row_of[kept] = torch.arange(kept.numel())
+    unk_fallback = torch.where(row_of >= 0, torch.arange(emb.num_embeddings), tok.unk_token_id)
+    fallbacks = {"unk": row_of[unk_fallback], "nearest": row_of[nearest_kept_ids(original, kept)]}
 
-    def trimmed(rows: torch.Tensor) -> torch.Tensor:
-        """The V x H matrix a trimmed embedding reads: the kept ids their row, every other id [UNK]'s."""
-        full = rows[unk_row].expand(emb.num_embeddings, -1).clone()
-        full[kept] = rows
-        return full
+    def trimmed(rows: torch.Tensor, fallback: str) -> torch.Tensor:
+        """The V x H matrix a trimmed embedding reads: the kept ids their row, every other id [UNK]'s or
+        (nearest) that of the kept id whose original row is the most cosine-similar."""
+        return rows[fallbacks[fallback]]
 
     def evaluate(matrix: torch.Tensor) -> float:
         emb.weight.data.copy_(matrix.to(original.dtype))
@@ -111,7 +114,7 @@ def main() -> None:
         return acc
 
     full = accuracy(model, loader)
-    full_trimmed = evaluate(trimmed(original[kept]))
+    full_trimmed = {f: evaluate(trimmed(original[kept], f)) for f in fallbacks}
     rows = []
     for r in ranks:
         accs = []
@@ -119,12 +122,12 @@ def main() -> None:
             e1, e2 = low_rank_factors(emb, r, weights[how])
             accs.append(evaluate(e1 @ e2))
         e1, e2 = low_rank_factors(kept_rows, r, weights["token_frequency"][kept])
-        accs.append(evaluate(trimmed(e1 @ e2)))
+        accs += [evaluate(trimmed(e1 @ e2, f)) for f in fallbacks]
         params = r * (emb.num_embeddings + emb.embedding_dim)
         params_kept = r * (len(kept) + emb.embedding_dim)
         rows.append(
             f"| {r} | {params / 1e6:.2f}M | {accs[0]:.2f} | {accs[1]:.2f} | {accs[1] - accs[0]:+.2f} | "
-            f"{params_kept / 1e6:.2f}M | {accs[2]:.2f} |"
+            f"{params_kept / 1e6:.2f}M | {accs[2]:.2f} | {accs[3]:.2f} |"
         )
         print(rows[-1], flush=True)
 
@@ -139,14 +142,16 @@ def main() -> None:
         f"parameters). The training split uses {used:,} of the {emb.num_embeddings:,} token ids; "
         f"{100 * unseen:.2f}% of the {split} split's tokens are not among them. Each row replaces the embedding by "
         "its best rank-r approximation, plain or weighted by each token's count in the training split (+1), and "
-        "evaluates without any retraining. The last two columns keep only the rows of the training split's "
+        "evaluates without any retraining. The last three columns keep only the rows of the training split's "
         f"{len(kept):,} token ids (with the special tokens), the other ids reading [UNK]'s row "
-        f"(`method.emb_vocab=train`): unfactorised that scores {full_trimmed:.2f}; each row factorises the kept rows "
-        "with the weighted SVD.",
+        "(`method.emb_vocab=train`) or that of the kept id nearest to them by cosine similarity in the unfactorised "
+        "embedding (`method.emb_fallback=nearest`); unfactorised those score "
+        f"{full_trimmed['unk']:.2f} and {full_trimmed['nearest']:.2f}; each row factorises the kept rows with the "
+        "weighted SVD.",
         "",
         f"| rank | factor parameters | {split} acc, plain SVD (COST-EFF) | weighted by token counts | difference | "
-        "kept rows only: parameters | accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "kept rows only: parameters | accuracy, [UNK] fallback | accuracy, nearest fallback |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     out = Path(args.out)

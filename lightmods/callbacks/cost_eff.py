@@ -29,6 +29,7 @@ from lightmods.structure.embedding import (
     embedding_vocab,
     factorize_embedding,
     kept_token_ids,
+    nearest_kept_ids,
     token_weights,
     trim_vocabulary,
     word_embedding_owner,
@@ -217,9 +218,11 @@ class CostEffStages(L.Callback):
             self._token_weights = token_weights(trainer.datamodule.datasets["train"].features["input_ids"], vocab)
         return self._token_weights
 
-    def kept_vocabulary(self, trainer, model) -> tuple[list[int], int]:
+    def kept_vocabulary(self, trainer, model) -> tuple[list[int], int | list[int]]:
         """``method.emb_vocab=train``: the token ids of the encoded training split and the tokenizer's special
-        tokens, and the id the others fall back to ([UNK]). Every DDP rank computes the same from the same split."""
+        tokens, and what the others fall back to: [UNK] (``method.emb_fallback=unk``) or, per id, the kept id
+        nearest in the current word embedding (``nearest``). Every DDP rank computes the same from the same
+        split and the same weights."""
         tok = trainer.datamodule.tokenizer
         if tok.unk_token_id is None:
             raise ConfigError(
@@ -232,6 +235,12 @@ class CostEffStages(L.Callback):
             {*tok.all_special_ids, tok.unk_token_id},
             getattr(owner, attr).num_embeddings,
         )
+        if self.c.emb_fallback == "nearest":
+            emb = getattr(owner, attr)
+            ref = emb.embed.weight if hasattr(emb, "embed") else emb.weight
+            with torch.no_grad():
+                weight = emb(torch.arange(emb.num_embeddings, device=ref.device))
+            return kept.tolist(), nearest_kept_ids(weight, kept).tolist()
         return kept.tolist(), int(tok.unk_token_id)
 
     def importance(self, trainer, pl_module, event: int) -> TaylorScores:

@@ -14,7 +14,8 @@ One run goes through the official pipeline's stages (fractions of the run's opti
    the first ``repr_proportion`` of the steps distil hidden states alone, the rest hidden states and every
    exit's prediction from the TA's corresponding exit. The learning rate restarts each period at
    ``prune_lr_scale * (1 + lr_restore)^p`` with its own warm-up and linear decay.
-3. ``recover_rep`` / ``recover_pred``: distillation from the TA (hidden states; then predictions + hidden).
+3. ``recover_rep`` / ``recover_pred``: distillation from the TA (hidden states; then predictions + hidden), at
+   ``recover_lr_scale`` times the learning rate.
 
 Exits: an exit after every layer from ``exits.start`` (the ``exits`` group's keys), trained with gradient
 equilibrium; the final classifier reads ``tanh(CLS)`` as the official head (``pooler_dense=false``). With
@@ -48,6 +49,7 @@ PRUNE_SCHEDULES = ("linear", "geometric")
 EMB_SVD_WEIGHTS = ("none", "token_frequency")
 SELECTIONS = ("last", "exits_mean")
 EMB_VOCABS = ("all", "train")
+EMB_FALLBACKS = ("unk", "nearest")
 
 
 @dataclass
@@ -74,6 +76,9 @@ class CostEffConfig(MethodConfig):
     stage_warmup: float = 0.1  # warm-up share of each stage / prune period
     prune_lr_scale: float = 0.5  # official: 1e-5 while pruning vs 2e-5 for the TA
     lr_restore: float = 0.12  # lr x (1 + lr_restore)^p after prune event p
+    # lr of the recovery stages (recover_rep, recover_pred) relative to ``lr``: a slender model fitting the TA
+    # on a small training split can overfit at the learning rate that suits the TA stage
+    recover_lr_scale: float = 1.0
     # slenderization targets per layer (null: keep that part)
     target_heads: int | None = None  # attention heads (key/value units)
     target_ffn: int | None = None  # FFN neurons
@@ -88,6 +93,9 @@ class CostEffConfig(MethodConfig):
     # the word embedding's rows: all of them (official), or (train) only those of the tokens the training split
     # uses plus the special tokens, the others reading [UNK]'s row, from the first prune event on
     emb_vocab: str = "all"
+    # with emb_vocab=train, the row a dropped token id reads: [UNK]'s, or that of the kept token nearest to it
+    # (cosine) in the word embedding at the moment of trimming
+    emb_fallback: str = "unk"
     taylor_batches: int | None = 32  # training batches per importance estimate (null: one pass)
     # the weights the run ends with: the last step's, or (official) those of the validation after the prune
     # stage with the best accuracy averaged over all exits (selected on the validation split it reports)
@@ -101,11 +109,17 @@ class CostEffConfig(MethodConfig):
         checks.one_of("method.emb_svd_weights", self.emb_svd_weights, EMB_SVD_WEIGHTS)
         checks.one_of("method.select", self.select, SELECTIONS)
         checks.one_of("method.emb_vocab", self.emb_vocab, EMB_VOCABS)
+        checks.one_of("method.emb_fallback", self.emb_fallback, EMB_FALLBACKS)
+        if self.emb_fallback != "unk" and self.emb_vocab == "all":
+            raise config_error(
+                "method.emb_fallback", self.emb_fallback, "'unk' when method.emb_vocab is 'all' (nothing is dropped)"
+            )
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):
             checks.non_negative(f"method.{key}", getattr(self, key))
         checks.positive("method.prune_lr_scale", self.prune_lr_scale)
+        checks.positive("method.recover_lr_scale", self.recover_lr_scale)
         for key in (
             "ta_rep_frac",
             "ta_pred_frac",
@@ -188,7 +202,7 @@ class Stages:
                 for p in range(len(edges) - 1):
                     out.append((edges[p], edges[p + 1], c.prune_lr_scale * (1 + c.lr_restore) ** p))
                 lo = edges[-1]  # steps after the last event (none when events end the stage)
-            out.append((lo, hi, 1.0))
+            out.append((lo, hi, c.recover_lr_scale if s.startswith("recover") else 1.0))
         return [seg for seg in out if seg[1] > seg[0]]
 
 

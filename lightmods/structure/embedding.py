@@ -15,7 +15,7 @@ Vocabulary trimming (``TrimmedEmbedding``) goes one step further: the rows of to
 are dropped, and those ids read the row of a fallback token (``[UNK]``). The tokenizer is unchanged; a buffer maps
 each token id to its row. At the same parameter count the rank can then be about ``V / V_kept`` times higher (SST-2:
 11.6k of 30.5k rows). Not in COST-EFF either; the cost is that the 2.5% of SST-2 dev tokens unseen in training all
-read ``[UNK]``.
+read ``[UNK]``, or (``nearest_kept_ids``) each the row of the kept token nearest to it in the embedding space.
 """
 
 from __future__ import annotations
@@ -44,29 +44,51 @@ class FactorizedEmbedding(nn.Module):
 class TrimmedEmbedding(nn.Module):
     """A word embedding that keeps the rows of ``kept_ids`` only: token ``kept_ids[i]`` reads row ``i`` of
     ``inner`` (an ``nn.Embedding`` or :class:`FactorizedEmbedding` with ``len(kept_ids)`` rows), every other id
-    reads the row of ``fallback_id``. Accepts the whole id space, so tokenizer and data pipeline stay as they are."""
+    reads the row of a kept id: ``fallback`` (one id for all, e.g. [UNK]), or ``fallback[id]`` when ``fallback``
+    lists one kept id per token id (:func:`nearest_kept_ids`). Accepts the whole id space, so tokenizer and data
+    pipeline stay as they are."""
 
-    def __init__(self, inner: nn.Module, kept_ids: torch.Tensor, fallback_id: int, num_embeddings: int):
+    def __init__(self, inner: nn.Module, kept_ids: torch.Tensor, fallback, num_embeddings: int):
         super().__init__()
         kept_ids = torch.as_tensor(kept_ids, dtype=torch.long).cpu()
         if kept_ids.numel() != inner.num_embeddings:
             raise ValueError(f"{kept_ids.numel()} kept ids for an embedding of {inner.num_embeddings} rows")
-        where = (kept_ids == fallback_id).nonzero()
-        if where.numel() != 1:
-            raise ValueError(f"the fallback token id {fallback_id} must be among the kept ids")
-        self.inner, self.fallback_id = inner, int(fallback_id)
+        row_of = torch.full((num_embeddings,), -1, dtype=torch.long)
+        row_of[kept_ids] = torch.arange(kept_ids.numel())
+        per_id = torch.as_tensor(fallback, dtype=torch.long).cpu()
+        if per_id.dim() == 0:
+            self.fallback_id = int(per_id)
+            per_id = torch.where(row_of >= 0, torch.arange(num_embeddings), per_id)
+        elif per_id.shape != (num_embeddings,):
+            raise ValueError(f"a fallback per token id needs {num_embeddings} ids, not {per_id.numel()}")
+        else:
+            self.fallback_id = None
+            if not torch.equal(per_id[kept_ids], kept_ids):
+                raise ValueError("a kept token id must read its own row")
+        outside = (per_id < 0) | (per_id >= num_embeddings)
+        outside[~outside] = row_of[per_id[~outside]] < 0
+        if bool(outside.any()):
+            bad = sorted(set(per_id[outside].tolist()))
+            raise ValueError(f"the fallback token id {', '.join(map(str, bad[:5]))} must be among the kept ids")
+        self.inner = inner
         self.num_embeddings, self.embedding_dim = num_embeddings, inner.embedding_dim
         self.padding_idx = None if inner.padding_idx is None else int(kept_ids[inner.padding_idx])  # an id, not a row
         self.register_buffer("kept_ids", kept_ids)
-        index_map = torch.full((num_embeddings,), int(where[0, 0]), dtype=torch.long)
-        index_map[kept_ids] = torch.arange(kept_ids.numel())
-        self.register_buffer("index_map", index_map, persistent=False)  # rebuilt from kept_ids
+        self.register_buffer("index_map", row_of[per_id], persistent=False)  # rebuilt from kept_ids and fallback
+
+    @property
+    def fallback(self):
+        """What the constructor took: one id, or the id every token id reads (a list)."""
+        if self.fallback_id is not None:
+            return self.fallback_id
+        return self.kept_ids[self.index_map].tolist()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.inner(self.index_map[input_ids])
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings} ids -> {self.inner.num_embeddings} rows, fallback={self.fallback_id}"
+        fallback = self.fallback_id if self.fallback_id is not None else "per id"
+        return f"{self.num_embeddings} ids -> {self.inner.num_embeddings} rows, fallback={fallback}"
 
 
 def kept_token_ids(input_ids, special_ids, vocab_size: int) -> torch.Tensor:
@@ -75,6 +97,24 @@ def kept_token_ids(input_ids, special_ids, vocab_size: int) -> torch.Tensor:
     seen = token_weights(input_ids, vocab_size, smoothing=0.0) > 0
     seen[torch.as_tensor(sorted(special_ids), dtype=torch.long)] = True
     return seen.nonzero().flatten()
+
+
+@torch.no_grad()
+def nearest_kept_ids(weight: torch.Tensor, kept_ids, chunk: int = 4096) -> torch.Tensor:
+    """For every token id (a row of the ``V x H`` embedding matrix ``weight``), the kept id whose row is the
+    most cosine-similar: itself for a kept id. Used as a per-id fallback, so a word unseen in training reads
+    a related word's row (a morphological variant or a near synonym) rather than all reading [UNK]'s."""
+    kept = torch.as_tensor(kept_ids, dtype=torch.long).to(weight.device)
+    unit = nn.functional.normalize(weight.float(), dim=-1)
+    keys = unit[kept]
+    out = torch.arange(weight.shape[0], device=weight.device)
+    dropped = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    dropped[kept] = False
+    todo = dropped.nonzero().flatten()
+    for lo in range(0, todo.numel(), chunk):
+        ids = todo[lo : lo + chunk]
+        out[ids] = kept[(unit[ids] @ keys.t()).argmax(-1)]
+    return out.cpu()
 
 
 def word_embedding_owner(model: nn.Module) -> tuple[nn.Module, str]:
@@ -166,14 +206,18 @@ def factorize_embedding(model: nn.Module, rank: int, row_weights: torch.Tensor |
 
 
 @torch.no_grad()
-def trim_vocabulary(model: nn.Module, kept_ids, fallback_id: int) -> nn.Module:
+def trim_vocabulary(model: nn.Module, kept_ids, fallback) -> nn.Module:
     """Keep the word-embedding rows of ``kept_ids`` only (in place; see :class:`TrimmedEmbedding`); every other
-    token id reads the row of ``fallback_id``. A no-op when the embedding already keeps exactly these ids."""
+    token id reads the row of ``fallback`` (one id, or one per token id). A no-op when the embedding already
+    keeps exactly these ids with this fallback."""
     owner, attr = word_embedding_owner(model)
     emb = getattr(owner, attr)
     kept = torch.as_tensor(kept_ids, dtype=torch.long).cpu()
     if isinstance(emb, TrimmedEmbedding):
-        if torch.equal(emb.kept_ids.cpu(), kept) and emb.fallback_id == fallback_id:
+        want = torch.as_tensor(fallback)
+        if torch.equal(emb.kept_ids.cpu(), kept) and emb.fallback == (
+            int(want) if want.dim() == 0 else want.tolist()
+        ):
             return model
         raise ValueError("the word embedding is already trimmed to another vocabulary")
     pad = None  # the padding id's row in the trimmed table
@@ -191,6 +235,6 @@ def trim_vocabulary(model: nn.Module, kept_ids, fallback_id: int) -> nn.Module:
     else:
         raise ValueError(f"cannot trim the vocabulary of a {type(emb).__name__} word embedding")
     inner.to(device=ref.device, dtype=ref.dtype).requires_grad_(ref.requires_grad)
-    new = TrimmedEmbedding(inner, kept, fallback_id, emb.num_embeddings).to(ref.device)
+    new = TrimmedEmbedding(inner, kept, fallback, emb.num_embeddings).to(ref.device)
     setattr(owner, attr, new)
     return model

@@ -43,7 +43,8 @@ class PruningPlan:
     ranks: dict[str, list[int]] = field(default_factory=dict)  # adapter layer -> kept ranks
     embedding_rank: int | None = None  # word embedding -> Embedding(V, r) + Linear(r -> H) (SVD); None: as is
     embedding_vocab: list[int] | None = None  # token ids that keep an embedding row (TrimmedEmbedding); None: all
-    embedding_fallback: int | None = None  # with embedding_vocab: the id whose row every other id reads
+    # with embedding_vocab: the id whose row every other id reads, or per token id the id whose row it reads
+    embedding_fallback: int | list[int] | None = None
     hidden: list[int] | None = None  # kept residual channels; None: the hidden width is untouched
     rescale_rms: bool = False  # with ``hidden``: RMS norms rescaled so zero-channel removal is exact
 
@@ -58,7 +59,8 @@ class PruningPlan:
             d["embedding_rank"] = int(self.embedding_rank)
         if self.embedding_vocab is not None:  # likewise
             d["embedding_vocab"] = list(map(int, self.embedding_vocab))
-            d["embedding_fallback"] = int(self.embedding_fallback)
+            fb = self.embedding_fallback
+            d["embedding_fallback"] = list(map(int, fb)) if isinstance(fb, (list, tuple)) else int(fb)
         if self.hidden is not None:  # likewise only when set
             d["hidden"] = list(map(int, self.hidden))
             d["rescale_rms"] = bool(self.rescale_rms)
