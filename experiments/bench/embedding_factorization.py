@@ -70,6 +70,7 @@ def main() -> None:
         low_rank_factors,
         nearest_kept_ids,
         token_weights,
+        trimmed_rows,
         word_embedding_owner,
     )
 
@@ -97,10 +98,10 @@ def main() -> None:
     tok = dm.tokenizer
     kept = kept_token_ids(train_ids, {*tok.all_special_ids, tok.unk_token_id}, emb.num_embeddings)
     kept_rows = torch.nn.Embedding.from_pretrained(original[kept])
-    row_of = torch.full((emb.num_embeddings,), -1, dtype=torch.long)
-    row_of[kept] = torch.arange(kept.numel())
-    unk_fallback = torch.where(row_of >= 0, torch.arange(emb.num_embeddings), tok.unk_token_id)
-    fallbacks = {"unk": row_of[unk_fallback], "nearest": row_of[nearest_kept_ids(original, kept)]}
+    fallbacks = {  # the row of the kept table each token id reads
+        "unk": trimmed_rows(kept, tok.unk_token_id, emb.num_embeddings),
+        "nearest": trimmed_rows(kept, nearest_kept_ids(original, kept), emb.num_embeddings),
+    }
 
     def trimmed(rows: torch.Tensor, fallback: str) -> torch.Tensor:
         """The V x H matrix a trimmed embedding reads: the kept ids their row, every other id [UNK]'s or

@@ -237,9 +237,8 @@ class CostEffStages(L.Callback):
         )
         if self.c.emb_fallback == "nearest":
             emb = getattr(owner, attr)
-            ref = emb.embed.weight if hasattr(emb, "embed") else emb.weight
-            with torch.no_grad():
-                weight = emb(torch.arange(emb.num_embeddings, device=ref.device))
+            with torch.no_grad():  # every id's row, plain or factorised
+                weight = emb(torch.arange(emb.num_embeddings, device=next(emb.parameters()).device))
             return kept.tolist(), nearest_kept_ids(weight, kept).tolist()
         return kept.tolist(), int(tok.unk_token_id)
 

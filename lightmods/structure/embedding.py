@@ -53,28 +53,14 @@ class TrimmedEmbedding(nn.Module):
         kept_ids = torch.as_tensor(kept_ids, dtype=torch.long).cpu()
         if kept_ids.numel() != inner.num_embeddings:
             raise ValueError(f"{kept_ids.numel()} kept ids for an embedding of {inner.num_embeddings} rows")
-        row_of = torch.full((num_embeddings,), -1, dtype=torch.long)
-        row_of[kept_ids] = torch.arange(kept_ids.numel())
-        per_id = torch.as_tensor(fallback, dtype=torch.long).cpu()
-        if per_id.dim() == 0:
-            self.fallback_id = int(per_id)
-            per_id = torch.where(row_of >= 0, torch.arange(num_embeddings), per_id)
-        elif per_id.shape != (num_embeddings,):
-            raise ValueError(f"a fallback per token id needs {num_embeddings} ids, not {per_id.numel()}")
-        else:
-            self.fallback_id = None
-            if not torch.equal(per_id[kept_ids], kept_ids):
-                raise ValueError("a kept token id must read its own row")
-        outside = (per_id < 0) | (per_id >= num_embeddings)
-        outside[~outside] = row_of[per_id[~outside]] < 0
-        if bool(outside.any()):
-            bad = sorted(set(per_id[outside].tolist()))
-            raise ValueError(f"the fallback token id {', '.join(map(str, bad[:5]))} must be among the kept ids")
+        index_map = trimmed_rows(kept_ids, fallback, num_embeddings)
+        single = torch.as_tensor(fallback)
+        self.fallback_id = int(single) if single.dim() == 0 else None
         self.inner = inner
         self.num_embeddings, self.embedding_dim = num_embeddings, inner.embedding_dim
         self.padding_idx = None if inner.padding_idx is None else int(kept_ids[inner.padding_idx])  # an id, not a row
         self.register_buffer("kept_ids", kept_ids)
-        self.register_buffer("index_map", row_of[per_id], persistent=False)  # rebuilt from kept_ids and fallback
+        self.register_buffer("index_map", index_map, persistent=False)  # rebuilt from kept_ids and fallback
 
     @property
     def fallback(self):
@@ -89,6 +75,27 @@ class TrimmedEmbedding(nn.Module):
     def extra_repr(self) -> str:
         fallback = self.fallback_id if self.fallback_id is not None else "per id"
         return f"{self.num_embeddings} ids -> {self.inner.num_embeddings} rows, fallback={fallback}"
+
+
+def trimmed_rows(kept_ids, fallback, num_embeddings: int) -> torch.Tensor:
+    """For every token id, the row of the trimmed table (the rows of ``kept_ids``, in order) that it reads: its
+    own for a kept id, else that of ``fallback`` (one kept id for all, or a list of one kept id per token id)."""
+    kept_ids = torch.as_tensor(kept_ids, dtype=torch.long).cpu()
+    row_of = torch.full((num_embeddings,), -1, dtype=torch.long)
+    row_of[kept_ids] = torch.arange(kept_ids.numel())
+    per_id = torch.as_tensor(fallback, dtype=torch.long).cpu()
+    if per_id.dim() == 0:
+        per_id = torch.where(row_of >= 0, torch.arange(num_embeddings), per_id)
+    elif per_id.shape != (num_embeddings,):
+        raise ValueError(f"a fallback per token id needs {num_embeddings} ids, not {per_id.numel()}")
+    elif not torch.equal(per_id[kept_ids], kept_ids):
+        raise ValueError("a kept token id must read its own row")
+    rows = row_of[per_id.clamp(0, num_embeddings - 1)]
+    outside = (per_id < 0) | (per_id >= num_embeddings) | (rows < 0)
+    if bool(outside.any()):
+        bad = sorted(set(per_id[outside].tolist()))
+        raise ValueError(f"the fallback token id {', '.join(map(str, bad[:5]))} must be among the kept ids")
+    return rows
 
 
 def kept_token_ids(input_ids, special_ids, vocab_size: int) -> torch.Tensor:
