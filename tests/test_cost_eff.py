@@ -4,6 +4,7 @@ targets, recovery, the exit curve, resume across a prune event, export; plus the
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,18 @@ CE = (
     "method=cost_eff", "method.lr=1e-3", "trainer.max_epochs=4", "method.target_heads=2", "method.target_ffn=16",
     "method.target_emb_rank=8", "method.taylor_batches=2", "exits.thresholds=[0.6,0.3,0.0]",
 )  # fmt: skip
+
+
+def training_token_ids(rc):
+    """The encoded training split of a validated run config, and its tokenizer: what the vocabulary trimming
+    counts tokens over."""
+    from lightmods.data import TextClassificationDataModule
+    from lightmods.models import build_tokenizer
+
+    tok = build_tokenizer(rc.model)
+    dm = TextClassificationDataModule(get_task(rc.data.task), rc.data, tok, seed=0)
+    dm.setup()
+    return dm.datasets["train"].features["input_ids"], tok
 
 
 def read(run_dir, name: str) -> dict:
@@ -119,8 +132,12 @@ def test_span_rows_are_distilled_alongside_the_labelled_ones(run_cfg, teacher):
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("method.emb_vocab=train",), ("method.emb_vocab=train", "method.emb_fallback=nearest")],
-    ids=["all_vocab", "trimmed_vocab", "trimmed_nearest"],
+    [
+        (),
+        ("method.emb_vocab=train",),
+        ("method.emb_vocab=train", "method.emb_fallback=nearest", "method.emb_min_count=2"),
+    ],
+    ids=["all_vocab", "trimmed_vocab", "trimmed_nearest_min2"],
 )
 def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch, extra):
     """A checkpoint saved between the two prune events (TA frozen, one event done) resumes into the slender
@@ -144,6 +161,10 @@ def test_resume_after_a_prune_event(run_cfg, teacher, monkeypatch, extra):
         fallback, kept = plan["embedding_fallback"], set(plan["embedding_vocab"])
         assert isinstance(fallback, list) and set(fallback) <= kept and len(set(fallback) - {100}) > 1
         assert all(fallback[i] == i for i in kept)
+        # emb_min_count=2: the tokens seen once in training lose their rows too, the others keep them
+        counts = Counter(t for ids in training_token_ids(validate(straight))[0] for t in ids)
+        once, often = {t for t, n in counts.items() if n == 1}, {t for t, n in counts.items() if n >= 2}
+        assert once and not once & kept and often <= kept
     sb = read(b, "summary.json")
     assert sb["global_step"] == 16 and sb["prune_events_done"] == 2 and sb["heads_kept_per_layer"] == [2, 2]
     wa = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -198,19 +219,14 @@ def test_emb_vocab_train_keeps_the_rows_of_the_training_tokens(run_cfg, teacher)
     """``method.emb_vocab=train``: from the first prune event the word embedding keeps the rows of the tokens the
     training split uses (and the special tokens), factorised to the target rank; every other id reads [UNK]'s
     row. The plan in the checkpoint and the export holds the kept ids, and the export reloads identically."""
-    from lightmods.data import TextClassificationDataModule
-    from lightmods.models import build_tokenizer
     from lightmods.structure.embedding import embedding_vocab, kept_token_ids
 
     cfg = run_cfg(*CE, f"method.teacher={teacher}", "method.emb_vocab=train", "method.emb_svd_weights=token_frequency")
     train(cfg)
     out = Path(cfg.paths.output_dir)
     s = read(out, "summary.json")
-    rc = validate(cfg)
-    tok = build_tokenizer(rc.model)
-    dm = TextClassificationDataModule(get_task(rc.data.task), rc.data, tok, seed=0)
-    dm.setup()
-    kept = kept_token_ids(dm.datasets["train"].features["input_ids"], set(tok.all_special_ids), len(tok)).tolist()
+    ids, tok = training_token_ids(validate(cfg))
+    kept = kept_token_ids(ids, set(tok.all_special_ids), len(tok)).tolist()
     assert s["embedding_vocab_kept"] == len(kept) < len(tok) and s["embedding_rank"] == 8
     plan = read(out, "export/pruning_plan.json")
     assert plan["embedding_vocab"] == kept and plan["embedding_fallback"] == tok.unk_token_id
@@ -379,6 +395,10 @@ def test_config_errors(run_cfg, tmp_path):
         validate(compose_run(["method=cost_eff", "method.emb_vocab=train", "method.emb_fallback=pad"], tmp_path))
     with pytest.raises(ConfigError, match="method.emb_fallback='nearest'.*when method.emb_vocab is 'all'"):
         validate(compose_run(["method=cost_eff", "method.emb_fallback=nearest"], tmp_path))
+    with pytest.raises(ConfigError, match="method.emb_min_count=0.*> 0"):
+        validate(compose_run(["method=cost_eff", "method.emb_vocab=train", "method.emb_min_count=0"], tmp_path))
+    with pytest.raises(ConfigError, match="method.emb_min_count=2.*when method.emb_vocab is 'all'"):
+        validate(compose_run(["method=cost_eff", "method.emb_min_count=2"], tmp_path))
     with pytest.raises(ConfigError, match="method.recover_lr_scale"):
         validate(compose_run(["method=cost_eff", "method.recover_lr_scale=0"], tmp_path))
     cfg = run_cfg("method=cost_eff", "method.target_heads=9", "method.target_ffn=16", "trainer.max_steps=2")
@@ -411,9 +431,17 @@ def test_bench_embedding_factorization_tables_plain_and_weighted_ranks(teacher, 
     trimmed_full = text.split("unfactorised those score ")[1].split(";")[0].split(" and ")
     # full rank over the kept rows: the trimmed model itself, with either fallback
     assert [float(rows[1][6]), float(rows[1][7].rstrip(" |"))] == [float(a) for a in trimmed_full]
-    monkeypatch.setattr("sys.argv", ["x", "--teacher", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--teacher=.*accepted: the export/ folder"):
-        bench.main()
+
+    def kept(text: str) -> int:
+        return int(text.split("keep only the rows of the ")[1].split(" token ids")[0].replace(",", ""))
+
+    monkeypatch.setattr("sys.argv", ["x", "--teacher", str(teacher), "--ranks", "4", "--min-count", "2", "--out", str(out)])
+    bench.main()
+    assert "`method.emb_min_count=2`" in out.read_text() and kept(out.read_text()) < kept(text)
+    for argv in (["--teacher", str(tmp_path)], ["--teacher", str(teacher), "--min-count", "0"]):
+        monkeypatch.setattr("sys.argv", ["x", *argv])
+        with pytest.raises(SystemExit, match="--teacher=.*accepted: the export/ folder|--min-count=0.*>= 1"):
+            bench.main()
 
 
 def test_bench_compare_tables_finished_runs_and_refuses_unfinished(tmp_path, monkeypatch):

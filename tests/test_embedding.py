@@ -111,6 +111,11 @@ def test_a_plan_with_a_kept_vocabulary_rebuilds_and_reloads_the_trimmed_model():
 
 def test_kept_token_ids_are_the_used_and_the_special_ones():
     assert kept_token_ids([[2, 5, 5], [9, 2]], {0, 1}, 12).tolist() == [0, 1, 2, 5, 9]
+    # min_count: a token seen fewer times loses its row (special tokens always keep theirs)
+    assert kept_token_ids([[2, 5, 5], [9, 2, 1]], {0, 1}, 12, min_count=2).tolist() == [0, 1, 2, 5]
+    assert kept_token_ids([[2, 5, 5], [9, 2]], {0}, 12, min_count=3).tolist() == [0]
+    with pytest.raises(ValueError, match="min_count=0"):
+        kept_token_ids([[2]], {0}, 12, min_count=0)
 
 
 def test_nearest_fallback_sends_each_dropped_id_to_its_most_similar_kept_row():

@@ -45,6 +45,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="export/ folder of a fine-tuned classification model")
     p.add_argument("--ranks", default="24,48,96,192", help="embedding ranks, comma-separated")
+    p.add_argument(
+        "--min-count", type=int, default=1,
+        help="the kept-rows columns keep the tokens seen at least this often in training (method.emb_min_count)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "experiments" / "bench" / "results" / "embedding_factorization.md"))
     args = p.parse_args()
@@ -57,6 +61,8 @@ def main() -> None:
         sys.exit(f"--ranks={args.ranks}: accepted: positive integers, comma-separated")
     if not ranks or min(ranks) < 1:
         sys.exit(f"--ranks={args.ranks}: accepted: positive integers, comma-separated")
+    if args.min_count < 1:
+        sys.exit(f"--min-count={args.min_count}: accepted: an integer >= 1")
 
     import torch
 
@@ -96,7 +102,7 @@ def main() -> None:
     unseen = sum(1 for t in eval_ids if not seen[t]) / len(eval_ids)
 
     tok = dm.tokenizer
-    kept = kept_token_ids(train_ids, {*tok.all_special_ids, tok.unk_token_id}, emb.num_embeddings)
+    kept = kept_token_ids(train_ids, {*tok.all_special_ids, tok.unk_token_id}, emb.num_embeddings, args.min_count)
     kept_rows = torch.nn.Embedding.from_pretrained(original[kept])
     fallbacks = {  # the row of the kept table each token id reads
         "unk": trimmed_rows(kept, tok.unk_token_id, emb.num_embeddings),
@@ -143,8 +149,9 @@ def main() -> None:
         f"parameters). The training split uses {used:,} of the {emb.num_embeddings:,} token ids; "
         f"{100 * unseen:.2f}% of the {split} split's tokens are not among them. Each row replaces the embedding by "
         "its best rank-r approximation, plain or weighted by each token's count in the training split (+1), and "
-        "evaluates without any retraining. The last three columns keep only the rows of the training split's "
-        f"{len(kept):,} token ids (with the special tokens), the other ids reading [UNK]'s row "
+        "evaluates without any retraining. The last three columns keep only the rows of the "
+        f"{len(kept):,} token ids (with the special tokens) seen at least {args.min_count} time(s) in the training "
+        f"split (`method.emb_min_count={args.min_count}`), the other ids reading [UNK]'s row "
         "(`method.emb_vocab=train`) or that of the kept id nearest to them by cosine similarity in the unfactorised "
         "embedding (`method.emb_fallback=nearest`); unfactorised those score "
         f"{full_trimmed['unk']:.2f} and {full_trimmed['nearest']:.2f}; each row factorises the kept rows with the "

@@ -219,8 +219,8 @@ class CostEffStages(L.Callback):
         return self._token_weights
 
     def kept_vocabulary(self, trainer, model) -> tuple[list[int], int | list[int]]:
-        """``method.emb_vocab=train``: the token ids of the encoded training split and the tokenizer's special
-        tokens, and what the others fall back to: [UNK] (``method.emb_fallback=unk``) or, per id, the kept id
+        """``method.emb_vocab=train``: the token ids that occur at least ``method.emb_min_count`` times in the
+        encoded training split and the tokenizer's special tokens, and what the others fall back to: [UNK] (``method.emb_fallback=unk``) or, per id, the kept id
         nearest in the current word embedding (``nearest``). Every DDP rank computes the same from the same
         split and the same weights."""
         tok = trainer.datamodule.tokenizer
@@ -234,6 +234,7 @@ class CostEffStages(L.Callback):
             trainer.datamodule.datasets["train"].features["input_ids"],
             {*tok.all_special_ids, tok.unk_token_id},
             getattr(owner, attr).num_embeddings,
+            self.c.emb_min_count,
         )
         if self.c.emb_fallback == "nearest":
             emb = getattr(owner, attr)

@@ -96,6 +96,9 @@ class CostEffConfig(MethodConfig):
     # with emb_vocab=train, the row a dropped token id reads: [UNK]'s, or that of the kept token nearest to it
     # (cosine) in the word embedding at the moment of trimming
     emb_fallback: str = "unk"
+    # with emb_vocab=train, how often a token must occur in the training split to keep its row (1: every token it
+    # uses); rarer tokens read the fallback row too, and the rows saved go to a higher rank at the same parameters
+    emb_min_count: int = 1
     taylor_batches: int | None = 32  # training batches per importance estimate (null: one pass)
     # the weights the run ends with: the last step's, or (official) those of the validation after the prune
     # stage with the best accuracy averaged over all exits (selected on the validation split it reports)
@@ -113,6 +116,11 @@ class CostEffConfig(MethodConfig):
         if self.emb_fallback != "unk" and self.emb_vocab == "all":
             raise config_error(
                 "method.emb_fallback", self.emb_fallback, "'unk' when method.emb_vocab is 'all' (nothing is dropped)"
+            )
+        checks.positive("method.emb_min_count", self.emb_min_count)
+        if self.emb_min_count != 1 and self.emb_vocab == "all":
+            raise config_error(
+                "method.emb_min_count", self.emb_min_count, "1 when method.emb_vocab is 'all' (nothing is dropped)"
             )
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")

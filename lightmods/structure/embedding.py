@@ -16,6 +16,8 @@ are dropped, and those ids read the row of a fallback token (``[UNK]``). The tok
 each token id to its row. At the same parameter count the rank can then be about ``V / V_kept`` times higher (SST-2:
 11.6k of 30.5k rows). Not in COST-EFF either; the cost is that the 2.5% of SST-2 dev tokens unseen in training all
 read ``[UNK]``, or (``nearest_kept_ids``) each the row of the kept token nearest to it in the embedding space.
+With the nearest fallback the rows of rare training tokens can go too (``kept_token_ids(min_count=k)``): a token seen
+once or twice reads a similar token's row, and the budget buys a higher rank for the rest.
 """
 
 from __future__ import annotations
@@ -98,10 +100,14 @@ def trimmed_rows(kept_ids, fallback, num_embeddings: int) -> torch.Tensor:
     return rows
 
 
-def kept_token_ids(input_ids, special_ids, vocab_size: int) -> torch.Tensor:
-    """Sorted ids of the tokens in ``input_ids`` (a list of token-id lists, e.g. the encoded training split)
-    and of ``special_ids`` (which the model reads whatever the data: [CLS], [SEP], [PAD], [UNK], ...)."""
-    seen = token_weights(input_ids, vocab_size, smoothing=0.0) > 0
+def kept_token_ids(input_ids, special_ids, vocab_size: int, min_count: int = 1) -> torch.Tensor:
+    """Sorted ids of the tokens that occur at least ``min_count`` times in ``input_ids`` (a list of token-id
+    lists, e.g. the encoded training split) and of ``special_ids`` (which the model reads whatever the data:
+    [CLS], [SEP], [PAD], [UNK], ...). A ``min_count`` above 1 also drops the rows of rare training tokens, which
+    then read a fallback row like unseen ones, so a fixed parameter budget buys a higher rank."""
+    if min_count < 1:
+        raise ValueError(f"min_count={min_count}: accepted: an integer >= 1")
+    seen = token_weights(input_ids, vocab_size, smoothing=0.0) >= min_count
     seen[torch.as_tensor(sorted(special_ids), dtype=torch.long)] = True
     return seen.nonzero().flatten()
 
