@@ -220,8 +220,8 @@ class CostEffStages(L.Callback):
 
     def kept_vocabulary(self, trainer, model) -> tuple[list[int], int | list[int]]:
         """``method.emb_vocab=train``: the token ids that occur at least ``method.emb_min_count`` times in the
-        encoded training split and the tokenizer's special tokens, and what the others fall back to: [UNK] (``method.emb_fallback=unk``) or, per id, the kept id
-        nearest in the current word embedding (``nearest``). Every DDP rank computes the same from the same
+        encoded training split and the tokenizer's special tokens, and what the others fall back to: [UNK]
+        (``method.emb_fallback=unk``) or, per id, the kept id nearest in the current word embedding (``nearest``). Every DDP rank computes the same from the same
         split and the same weights."""
         tok = trainer.datamodule.tokenizer
         if tok.unk_token_id is None:

@@ -113,15 +113,12 @@ class CostEffConfig(MethodConfig):
         checks.one_of("method.select", self.select, SELECTIONS)
         checks.one_of("method.emb_vocab", self.emb_vocab, EMB_VOCABS)
         checks.one_of("method.emb_fallback", self.emb_fallback, EMB_FALLBACKS)
-        if self.emb_fallback != "unk" and self.emb_vocab == "all":
-            raise config_error(
-                "method.emb_fallback", self.emb_fallback, "'unk' when method.emb_vocab is 'all' (nothing is dropped)"
-            )
         checks.positive("method.emb_min_count", self.emb_min_count)
-        if self.emb_min_count != 1 and self.emb_vocab == "all":
-            raise config_error(
-                "method.emb_min_count", self.emb_min_count, "1 when method.emb_vocab is 'all' (nothing is dropped)"
-            )
+        for key, default in (("emb_fallback", "unk"), ("emb_min_count", 1)):  # settings of what is dropped
+            if self.emb_vocab == "all" and getattr(self, key) != default:
+                raise config_error(
+                    f"method.{key}", getattr(self, key), f"{default!r} when method.emb_vocab is 'all' (nothing is dropped)"
+                )
         if self.ta_init == "teacher" and not self.teacher:
             raise config_error("method.ta_init", self.ta_init, "'pretrained' when method.teacher is null")
         for key in ("hard_weight", "pred_weight", "rep_weight", "lr_restore"):
