@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lightmods.losses.max_entropy import schedule_factor
+from lightmods.losses.schedule import schedule_factor
 from lightmods.methods.base import LossTerm
 from lightmods.structure.gates import get_gates
 

@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lightmods.losses.schedule import schedule_factor
 from lightmods.methods.base import LossTerm
 
 FORMS = ("entropy", "uniform_ce")
@@ -98,20 +99,6 @@ def selection_figures(chosen: torch.Tensor, poisoned: torch.Tensor) -> dict[str,
         "precision": hit / max(1, int(chosen.sum())),
         "recall": hit / max(1, int(poisoned.sum())),
     }
-
-
-def schedule_factor(
-    step: int, start_step: int = 0, warmup_steps: int = 0, end_step: int | None = None
-) -> float:
-    """The share of the weight in force at optimizer step ``step`` (0-based): 0 before ``start_step`` and from
-    ``end_step`` on; in between it rises linearly over ``warmup_steps`` steps (``1/w, 2/w, ..., 1``), or is 1
-    at once when ``warmup_steps=0``. Constant: the defaults; a step start: ``start_step``; a linear warm-up:
-    ``warmup_steps``."""
-    if step < start_step or (end_step is not None and step >= end_step):
-        return 0.0
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step - start_step + 1) / warmup_steps)
 
 
 def max_entropy_term(weight: float, form: str = "entropy", temperature: float = 1.0, start_step: int = 0,
