@@ -787,3 +787,44 @@ def test_bench_forget_attacks_parse_rates_and_name_runs():
     assert poison_overrides("none", 0.1) == []
     assert poison_overrides("badnets", 0.01) == ["attack.poison_rate=0.01"]
     assert poison_overrides("style", 0.2)[1].startswith("attack.poisoned_dir=")
+
+
+# ----------------------------------------------------------- the representation signals of backdoor_representations
+def test_bench_representation_signals_find_a_planted_cluster_and_not_noise():
+    import numpy as np
+
+    from experiments.bench.backdoor_representations import (
+        auc,
+        knn_disagreement,
+        spectral_scores,
+        two_means_smaller,
+    )
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16))
+    planted = np.zeros(400, dtype=bool)
+    planted[:60] = True
+    assert abs(auc(spectral_scores(x), planted) - 0.5) < 0.1  # nothing planted yet
+    x[planted, 3] += 6.0  # a tight shifted group: the poisoned rows of a separable trigger
+    assert auc(spectral_scores(x), planted) > 0.95
+    small = two_means_smaller(x, seed=0)
+    assert (small & planted).sum() / small.sum() > 0.9 and (small & planted).sum() / planted.sum() > 0.9
+    assert auc(np.arange(400.0), np.arange(400) >= 200) == 1.0 and auc(np.zeros(10), np.arange(10) < 5) == 0.5
+    labels = np.where(planted, 1, 0)
+    mixed = labels.copy()
+    mixed[:30] = 0  # half the planted group relabelled: its rows' neighbours disagree with them
+    dis = knn_disagreement(x, mixed, k=10)
+    assert dis[:30].mean() > 0.3 and dis[100:].mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [(["--attacks", "style"], "'style'"), (["--attacks", "onion:0.1"], "'onion:0.1'"), (["--runs", "style:0.2=/nonexistent"], "'style:0.2=/nonexistent'")],
+)
+def test_bench_representations_refuses_bad_arguments_naming_them(argv, named):
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "backdoor_representations.py"
+    r = subprocess.run([sys.executable, str(bench), *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and named in r.stderr and "accepted" in r.stderr, r.stderr[-1000:]

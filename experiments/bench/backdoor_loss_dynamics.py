@@ -1,7 +1,7 @@
 """Can a defense tell poisoned training rows by their loss? The per-row loss of a fixed probe set of poisoned
 training rows over the first steps of a fine-tuning on a poisoned training set.
 
-    python experiments/bench/backdoor_loss_dynamics.py [--method full_ft] [--attack badnets] [--poison-rate 0.1]
+    python experiments/bench/backdoor_loss_dynamics.py [--method full_ft] [--attack badnets|addsent|style] [--poison-rate 0.1]
         [--steps 120] [--schedule-steps 400] [--probe-rows 512] [--ratio 0.1] [--seed 42]
         [--out experiments/bench/results/backdoor_loss_dynamics.md]
 
@@ -81,7 +81,7 @@ def precision(keys: torch.Tensor, poisoned: torch.Tensor, ratio: float) -> float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="full_ft", choices=sorted(LR))
-    p.add_argument("--attack", default="badnets", choices=("badnets", "addsent"))
+    p.add_argument("--attack", default="badnets", choices=("badnets", "addsent", "style"))
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=120, help="optimizer steps to follow")
     p.add_argument("--schedule-steps", type=int, default=400, help="the length the learning-rate schedule is set for")

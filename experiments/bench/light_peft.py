@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -221,7 +222,7 @@ def ratio_label(name: str) -> str:
 
 def write_table(args, rows) -> None:
     argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--out") and sys.argv[i] != "--out"]
-    cmd = "python experiments/bench/light_peft.py " + " ".join(argv)
+    cmd = "python experiments/bench/light_peft.py " + shlex.join(argv)
     threads = f", {args.jobs} training run(s) at once with {args.threads or 'default'} thread(s) each" if args.jobs > 1 else ""
     lines = [
         "# Light-PEFT vs LoRA",
