@@ -819,7 +819,10 @@ def test_bench_representation_signals_find_a_planted_cluster_and_not_noise():
 
 @pytest.mark.parametrize(
     "argv,named",
-    [(["--attacks", "style"], "'style'"), (["--attacks", "onion:0.1"], "'onion:0.1'"), (["--runs", "style:0.2=/nonexistent"], "'style:0.2=/nonexistent'")],
+    [
+        (["--attacks", "style"], "'style'"), (["--attacks", "onion:0.1"], "'onion:0.1'"), (["--attacks", "style:x"], "'style:x'"),
+        (["--runs", "style:0.2=/nonexistent"], "'style:0.2=/nonexistent'"), (["--runs", "style:y=/tmp"], "'style:y=/tmp'"),
+    ],  # fmt: skip
 )
 def test_bench_representations_refuses_bad_arguments_naming_them(argv, named):
     import subprocess

@@ -115,6 +115,16 @@ def encode(model, rows: list[list[int]], pad_id: int, batch: int = 256) -> dict[
     return reps
 
 
+def attack_and_rate(text: str) -> tuple[str, float] | None:
+    """``attack:rate`` as ``(attack, rate)``; None when it is not one."""
+    name, _, rate = text.partition(":")
+    try:
+        value = float(rate)
+    except ValueError:
+        return None
+    return (name, value) if name in ("badnets", "addsent", "style") and 0 < value < 1 else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attacks", default="style:0.2,style:0.1,badnets:0.1,addsent:0.1", help="attack:poison_rate, comma-separated")
@@ -125,19 +135,16 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = []
-    for item in filter(None, args.attacks.split(",")):
-        name, _, rate = item.partition(":")
-        if name not in ("badnets", "addsent", "style") or not rate:
-            sys.exit(f"--attacks={args.attacks}: {item!r}; accepted: badnets|addsent|style:<poison rate>, comma-separated")
-        cases.append((name, float(rate)))
+    cases = [attack_and_rate(item) for item in filter(None, args.attacks.split(","))]
+    if None in cases:
+        bad = next(i for i, c in zip(filter(None, args.attacks.split(",")), cases) if c is None)
+        sys.exit(f"--attacks={args.attacks}: {bad!r}; accepted: badnets|addsent|style:<poison rate in (0, 1)>, comma-separated")
     runs: dict[tuple[str, float], list[Path]] = {}
     for item in filter(None, args.runs.split(",")):
         key, _, run = item.partition("=")
-        name, _, rate = key.partition(":")
-        if not (Path(run) / "export").is_dir() or (name, float(rate or "nan")) not in cases:
+        if not (Path(run) / "export").is_dir() or attack_and_rate(key) not in cases:
             sys.exit(f"--runs={args.runs}: {item!r}; accepted: <one of --attacks>=<a run directory with export/>")
-        runs.setdefault((name, float(rate)), []).append(Path(run))
+        runs.setdefault(attack_and_rate(key), []).append(Path(run))
 
     from lightmods.attacks.config import AttackConfig
     from lightmods.attacks.poison import build_poisoner
@@ -150,9 +157,8 @@ def main() -> None:
     rc = validate(compose(["model=minilm", "data=backdoor/sst2", "data.max_length=64"], Path("/tmp/lightmods-representations")))
     tokenizer, task = build_tokenizer(rc.model), get_task("backdoor/sst2")
     pretrained = build_backbone(rc.model, task, tokenizer).eval()
-    command = ("python experiments/bench/backdoor_representations.py " + shlex.join(
-        [a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out") and not a.startswith("--out=")]
-    )).strip()  # fmt: skip
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--out") and sys.argv[i] != "--out"]
+    command = ("python experiments/bench/backdoor_representations.py " + shlex.join(argv)).strip()
     lines = [
         f"Made by: `{command}`",
         "",
