@@ -121,3 +121,32 @@ def test_ddp_ranks_take_one_decision_and_continue(tmp_path):
     logs = "".join(p.read_text() for p in run_dir.glob("*.log"))
     per_rank = dict(re.findall(r"rank (\d) validation metrics at the end of fit: (\{.*\})", logs))
     assert set(per_rank) == {"0", "1"} and per_rank["0"] == per_rank["1"]
+
+
+def test_bench_prune_ratios_name_the_foundation_only_ablation():
+    from experiments.bench.light_peft import parse_ratio, ratio_label, variant_name
+
+    assert parse_ratio("0.5:0.4") == (0.5, 0.4, False) and parse_ratio("0.5:0.4:foundation") == (0.5, 0.4, True)
+    assert ratio_label(variant_name(0.3333333333, 0.3333333333)) == "Light-PEFT (1/3, 1/3)"
+    assert ratio_label(variant_name(0.3333333333, 0.3333333333, True)) == "Light-PEFT (1/3, 1/3, foundation only)"
+    assert ratio_label(variant_name(0.5, 0.4, True)) == "Light-PEFT (0.5, 0.4, foundation only)"
+    assert variant_name(0.5, 0.4) != variant_name(0.5, 0.4, True)  # separate run folders
+    for bad in ("0.5", "0.5:0.5:peft", "0.5:0.5:foundation:x", "a:0.5", "0.5:1"):
+        with pytest.raises(SystemExit, match="--prune-ratios"):
+            parse_ratio(bad)
+
+
+def test_bench_ideal_flops_leave_merged_lora_factors_out():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from experiments.bench.light_peft import block_flops_per_token
+    from lightmods.peft import merge_adapters
+    from lightmods.peft.inject import inject_adapters
+    from lightmods.peft.lora import LoraLinear
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    model = BertForSequenceClassification(cfg)
+    bare = block_flops_per_token(model, seq_len=8)
+    inject_adapters(model, ["query", "key", "value", "dense"], lambda lin: LoraLinear(lin, rank=4))
+    merge_adapters(model)
+    assert block_flops_per_token(model, seq_len=8) == bare > 0

@@ -1,11 +1,12 @@
 """Light-PEFT against its LoRA baseline: same backbone, data, steps, batch size and seed, in one run.
 
     python experiments/bench/light_peft.py [--tasks glue/sst2,glue/rte] [--steps 600] [--estimate-steps 100]
-        [--model minilm] [--device cpu|gpu] [--precision 32-true|bf16-mixed] [--prune-ratios 0.333:0.333,0.5:0.5]
+        [--model minilm] [--device cpu|gpu] [--precision 32-true|bf16-mixed] [--prune-ratios 0.333:0.333,0.5:0.5,0.5:0.5:foundation]
         [--jobs 2 --threads 1] [--out experiments/bench/results/light_peft.md]
 
 Each training runs as its own ``python train.py`` process (so peak memory is per run); ``--prune-ratios`` adds one
-Light-PEFT run per ``head:neuron`` pair (the foundation-pruning ablation axis), all against the same LoRA run. Training throughput
+Light-PEFT run per ``head:neuron`` pair (the foundation-pruning ablation axis; ``head:neuron:foundation`` the same
+without PEFT pruning, every module at full rank), all against the same LoRA run. Training throughput
 is the run's own meter: the whole run for LoRA, the phase after pruning for Light-PEFT (its estimation phase
 is reported too). Inference throughput is measured afterwards in this process on both exported models,
 adapters merged, alternating rounds over the same dev batches. The ideal speed-up is the ratio of the
@@ -66,11 +67,13 @@ def run(name: str, task: str, args, extra: list[str], out: Path) -> dict:
 
 
 def block_flops_per_token(model, seq_len: int) -> float:
-    """Multiply-adds x 2 per token in the transformer blocks: every linear layer plus QK^T and AV."""
+    """Multiply-adds x 2 per token in the transformer blocks: every linear layer plus QK^T and AV. LoRA factors
+    (``lora_A`` / ``lora_B``) are left out: the models timed here have them merged into the base weights."""
     total = 0.0
     for b in blocks(model):
-        for m in b.module.modules():
-            if isinstance(m, torch.nn.Linear) and not any(k in type(m).__name__ for k in ("Lora",)):
+        for name, m in b.module.named_modules():
+            lora_factor = any(part.startswith("lora_") for part in name.split("."))
+            if isinstance(m, torch.nn.Linear) and "Lora" not in type(m).__name__ and not lora_factor:
                 total += 2 * m.in_features * m.out_features
         total += 2 * 2 * seq_len * b.num_heads * b.head_dim
     return total
@@ -153,7 +156,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--prune-ratios", default=f"{PAPER_RATIO}:{PAPER_RATIO}",
-        help="comma-separated head:neuron prune ratios, one Light-PEFT run each (default: the paper's 1/3:1/3)",
+        help="comma-separated head:neuron prune ratios, one Light-PEFT run each (default: the paper's 1/3:1/3); "
+        "head:neuron:foundation prunes the foundation model only (method.prune_peft=false, every PEFT module kept)",
     )
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (use with --threads)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per training run (0 = torch's default)")
@@ -171,11 +175,12 @@ def main() -> None:
     for task in args.tasks.split(","):
         data = [f"data.data_dir={args.data_root}/{GLUE_DIRS[task]}"] if task in GLUE_DIRS and args.data_root else []
         jobs = [("lora", ["method=lora", f"method.lr={args.lr}", *data])]
-        for heads, neurons in args.variants:
+        for heads, neurons, foundation_only in args.variants:
             jobs.append((
-                variant_name(heads, neurons),
+                variant_name(heads, neurons, foundation_only),
                 ["method=light_peft", f"method.lr={args.lr}", f"method.estimate_steps={args.estimate_steps}",
-                 f"method.head_prune_ratio={heads}", f"method.neuron_prune_ratio={neurons}", *data],
+                 f"method.head_prune_ratio={heads}", f"method.neuron_prune_ratio={neurons}",
+                 *(["method.prune_peft=false"] if foundation_only else []), *data],
             ))  # fmt: skip
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             done = dict(zip([n for n, _ in jobs], pool.map(lambda job, task=task: run(job[0], task, args, job[1], work), jobs)))
@@ -198,26 +203,37 @@ def main() -> None:
 PAPER_RATIO = 0.3333333333
 
 
-def parse_ratio(text: str) -> tuple[float, float]:
-    """``head:neuron`` prune ratios, each in [0, 1)."""
+FOUNDATION_ONLY = "foundation"  # the third field of a --prune-ratios entry: no PEFT pruning
+
+
+def parse_ratio(text: str) -> tuple[float, float, bool]:
+    """``head:neuron`` prune ratios, each in [0, 1), optionally ``:foundation`` (foundation pruning only)."""
+    fields = text.split(":")
+    foundation_only = len(fields) == 3 and fields[2] == FOUNDATION_ONLY
     try:
-        heads, neurons = (float(x) for x in text.split(":"))
+        if len(fields) != 2 + foundation_only:
+            raise ValueError
+        heads, neurons = float(fields[0]), float(fields[1])
     except ValueError:
-        sys.exit(f"--prune-ratios: {text!r} is not head:neuron (two numbers in [0, 1), e.g. 0.5:0.5)")
+        sys.exit(f"--prune-ratios: {text!r} is not head:neuron[:{FOUNDATION_ONLY}] (two numbers in [0, 1), e.g. 0.5:0.5)")
     if not (0 <= heads < 1 and 0 <= neurons < 1):
         sys.exit(f"--prune-ratios: {text!r} out of range; each ratio must be in [0, 1)")
-    return heads, neurons
+    return heads, neurons, foundation_only
 
 
-def variant_name(heads: float, neurons: float) -> str:
-    return "light_peft" if (heads, neurons) == (PAPER_RATIO, PAPER_RATIO) else f"light_peft-h{heads:g}-n{neurons:g}"
+def variant_name(heads: float, neurons: float, foundation_only: bool = False) -> str:
+    name = "light_peft" if (heads, neurons) == (PAPER_RATIO, PAPER_RATIO) else f"light_peft-h{heads:g}-n{neurons:g}"
+    return name + ("-fonly" if foundation_only else "")
 
 
 def ratio_label(name: str) -> str:
-    if name == "light_peft":
-        return "Light-PEFT (1/3, 1/3)"
-    _, h, n = name.split("-")
-    return f"Light-PEFT ({h[1:]}, {n[1:]})"
+    parts = name.split("-")
+    suffix = ", foundation only" if parts[-1] == "fonly" else ""
+    parts = parts[:-1] if suffix else parts
+    if len(parts) == 1:
+        return f"Light-PEFT (1/3, 1/3{suffix})"
+    _, h, n = parts
+    return f"Light-PEFT ({h[1:]}, {n[1:]}{suffix})"
 
 
 def write_table(args, rows) -> None:
@@ -232,7 +248,7 @@ def write_table(args, rows) -> None:
         f"Backbone `{args.model}`, {args.steps} steps of batch {args.batch_size} (max length {args.max_length}), seed {args.seed}, "
         f"{args.device} {args.precision}{threads}; Light-PEFT estimates for {args.estimate_steps} steps, then prunes the "
         "(head, FFN neuron) fractions in brackets (heads per layer, neurons globally; 1/3 each is the paper's default), keeps "
-        "25% of PEFT modules and half of their ranks. "
+        "25% of PEFT modules and half of their ranks (\"foundation only\": keeps every PEFT module at full rank). "
         "LoRA baseline: rank 8 on query/value (the official vanilla baseline). Training samples/s in the table: each run's "
         "own meter, LoRA over its whole run, Light-PEFT after pruning (before pruning in brackets); with several runs at "
         "once these meters share the CPU, so the speed-ups below are measured side by side instead: the final models "
