@@ -54,17 +54,20 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
 
 
-def spectral_scores(x: np.ndarray) -> np.ndarray:
+def principal_components(x: np.ndarray, k: int) -> np.ndarray:
+    """The rows of ``x``, centred, projected on their top ``k`` singular vectors."""
     centred = x - x.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    return (centred @ vt[0]) ** 2
+    return centred @ vt[:k].T
+
+
+def spectral_scores(x: np.ndarray) -> np.ndarray:
+    return principal_components(x, 1)[:, 0] ** 2
 
 
 def two_means_smaller(x: np.ndarray, seed: int, iters: int = 50) -> np.ndarray:
     """The smaller cluster of a 2-means split of the top-10 principal components (k-means++ start)."""
-    centred = x - x.mean(0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    z = centred @ vt[:10].T
+    z = principal_components(x, 10)
     rng = np.random.default_rng(seed)
     first = z[rng.integers(len(z))]
     d = ((z - first) ** 2).sum(1)
